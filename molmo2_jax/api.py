@@ -1,0 +1,123 @@
+"""`molmo2_jax.load(path)`: a released/native Hugging Face Molmo2 checkpoint or one of ours, ready to run."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from molmo2_jax.checkpoint import converted, hf
+from molmo2_jax.config import Molmo2Config
+from molmo2_jax.model.molmo2 import Molmo2
+from molmo2_jax.params import flatten, logical_names, param_sharding, param_shapes, placer, unflatten
+
+# Model inputs, named like the transformers Molmo2Processor outputs.
+INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
+              "pixel_values_videos", "video_token_pooling", "position_ids", "segment_ids")
+# Processor outputs the model does not need (its pooling indices are already global).
+IGNORED_KEYS = ("image_grids", "image_num_crops", "video_grids", "token_type_ids")
+
+
+class InputError(ValueError):
+    """Model inputs that cannot be run (unknown keys, inconsistent visual token counts, too long)."""
+
+
+class Molmo2Model:
+    """A config, its params and jitted entry points. Call it with a processor output dict to get logits."""
+
+    def __init__(self, config: Molmo2Config, params: dict[str, Any], mesh: Mesh | None = None):
+        self.config = config
+        self.params = params
+        self.mesh = mesh
+        self.module = Molmo2(config)
+
+    @functools.cached_property
+    def _forward(self):
+        return jax.jit(lambda params, inputs: self.module.apply({"params": params}, **inputs)[0])
+
+    def prepare(self, inputs: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Check a processor output dict and convert it to arrays (torch tensors and lists are accepted)."""
+        unknown = sorted(set(inputs) - set(INPUT_KEYS) - set(IGNORED_KEYS))
+        if unknown:
+            raise InputError(f"unknown model input(s) {unknown}; expected keys among {list(INPUT_KEYS)}")
+        if "input_ids" not in inputs:
+            raise InputError("model inputs need 'input_ids'")
+        arrays = {k: np.asarray(inputs[k]) for k in INPUT_KEYS if inputs.get(k) is not None}
+        ids = arrays["input_ids"]
+        if ids.ndim == 1:
+            arrays = {k: (v[None] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids",
+                                           "segment_ids") else v) for k, v in arrays.items()}
+            ids = arrays["input_ids"]
+        if ids.shape[1] > self.config.text.max_position_embeddings:
+            raise InputError(f"input of {ids.shape[1]} tokens exceeds the model's maximum length "
+                             f"{self.config.text.max_position_embeddings}")
+        self._check_visual_counts(arrays)
+        return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+    def _check_visual_counts(self, arrays: dict[str, np.ndarray]) -> None:
+        k = self.config.tokens
+        ids = arrays["input_ids"]
+        patches = ids == k.image_patch
+        slot = np.arange(ids.shape[1])[None]
+        last_frame = np.maximum.accumulate(np.where(ids == k.frame_start, slot, -1), axis=1)
+        last_image = np.maximum.accumulate(
+            np.where((ids == k.image_start) | (ids == k.low_res_image_start), slot, -1), axis=1)
+        video = patches & (last_frame > last_image)
+        for what, pooling_key, pixels_key, count in (
+                ("image", "image_token_pooling", "pixel_values", int((patches & ~video).sum())),
+                ("video", "video_token_pooling", "pixel_values_videos", int(video.sum()))):
+            pooling = arrays.get(pooling_key)
+            rows = 0 if pooling is None else int(np.any(pooling >= 0, axis=-1).sum())
+            if rows != count:
+                raise InputError(f"{count} {what} <im_patch> tokens but {rows} {what} feature rows in "
+                                 f"{pooling_key}; inputs must come from the same processor call")
+            if rows and arrays.get(pixels_key) is None:
+                raise InputError(f"{pooling_key} given without {pixels_key}")
+
+    def __call__(self, inputs: Mapping[str, Any]) -> jax.Array:
+        """Logits `[batch, seq, vocab]` (fp32) for a processor output dict."""
+        prepared = self.prepare(inputs)
+        with _mesh_context(self.mesh):
+            return self._forward(self.params, prepared)
+
+    def apply(self, *args, method=None, **kwargs):
+        """`module.apply` with our params (for ViT features, pooled tokens, ...)."""
+        return self.module.apply({"params": self.params}, *args, method=method, **kwargs)
+
+
+def _mesh_context(mesh: Mesh | None):
+    import contextlib
+
+    return jax.sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, **config_changes) -> Molmo2Model:
+    """Load a Molmo2 checkpoint: a Hugging Face directory (released or transformers-native tensor names) or a
+    directory written by `convert/hf_to_jax.py`. `dtype` sets params and compute dtype; with a `mesh` every
+    param is placed straight into its sharding."""
+    path = Path(path)
+    if not path.is_dir():
+        raise hf.CheckpointError(f"{path}: checkpoint directory does not exist")
+    if converted.is_converted(path):
+        config = converted.read_config(path).replace(dtype=dtype, param_dtype=dtype, **config_changes)
+        shapes = unflatten({p: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for p, s in param_shapes(config).items()})
+        shardings = None
+        if mesh is not None:
+            shardings = unflatten({p: param_sharding(n, mesh) for p, n in logical_names(config).items()})
+        params = converted.restore_params(path, converted.abstract_like(shapes, jnp.dtype(dtype), shardings))
+        return Molmo2Model(config, params, mesh)
+    if not hf.is_hf_checkpoint(path):
+        raise hf.CheckpointError(f"{path}: not a Molmo2 checkpoint (expected config.json + *.safetensors, "
+                                 f"or {converted.CONFIG_FILE} + {converted.PARAMS_DIR}/)")
+    config = hf.read_config(path).replace(dtype=dtype, param_dtype=dtype, **config_changes)
+    flat = hf.import_params(path, config, param_shapes(config), dtype=dtype, place=placer(config, mesh))
+    return Molmo2Model(config, unflatten(flat), mesh)
+
+
+__all__ = ["InputError", "Molmo2Model", "flatten", "load"]

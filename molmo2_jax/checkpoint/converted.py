@@ -1,0 +1,84 @@
+"""Our converted checkpoint format: `molmo2_jax_config.json` (our config) + an Orbax `params/` tree, plus the
+tokenizer and processor files carried over from the source. Written to a temporary sibling and renamed, so a
+failed conversion leaves nothing at the destination."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from molmo2_jax.config import Molmo2Config, from_dict, to_dict
+
+CONFIG_FILE = "molmo2_jax_config.json"
+PARAMS_DIR = "params"
+# Files a checkpoint directory may carry besides the weights (tokenizer, processor, chat template).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+              "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+              "generation_config.json")
+
+
+def is_converted(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def read_config(path: Path) -> Molmo2Config:
+    return from_dict(Molmo2Config, json.loads((path / CONFIG_FILE).read_text())).validate()
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def prepare_destination(dst: Path, overwrite: bool) -> None:
+    """Refuse a non-empty destination unless `overwrite`."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise FileExistsError(f"{dst}: destination exists and is not empty (pass --overwrite to replace it)")
+
+
+def write_atomically(dst: Path, overwrite: bool, fill: Callable[[Path], Any]) -> Any:
+    """Run `fill(tmp_dir)` then move the result to `dst`; on any error remove the temporary directory."""
+    prepare_destination(dst, overwrite)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        result = fill(tmp)
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        tmp.rename(dst)
+        return result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(dst: Path, config: Molmo2Config, params: dict[str, Any]) -> None:
+    """Write config + params into an (empty) directory."""
+    (dst / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((dst / PARAMS_DIR).absolute(), params)
+
+
+def restore_params(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
+    """Restore params into the shapes, dtypes and shardings of `abstract` (a tree of ShapeDtypeStruct)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore((path / PARAMS_DIR).absolute(), abstract)
+
+
+def abstract_like(params_shapes: dict[str, Any], dtype, shardings: dict[str, Any] | None) -> dict[str, Any]:
+    if shardings is None:
+        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), params_shapes)
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+                                  params_shapes, shardings)

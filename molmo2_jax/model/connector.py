@@ -1,0 +1,44 @@
+"""The connector: attention pooling over windows of ViT patch features, then a SwiGLU projector into the LLM
+width. Each output token's query is the masked mean of its window; `-1` slots are masked keys."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from molmo2_jax.config import Molmo2Config
+from molmo2_jax.model.layers import dense, dot_product_attention
+
+
+class Connector(nn.Module):
+    config: Molmo2Config
+
+    @nn.compact
+    def __call__(self, features: jax.Array, pooling_idx: jax.Array) -> jax.Array:
+        """features `[N, P, F*D]`, pooling_idx `[tokens, K]` (global patch indices, -1 = empty slot).
+
+        Returns `[tokens, text_hidden]`; rows whose slots are all -1 give zeros.
+        """
+        a, dtype, pdtype = self.config.adapter, self.config.dtype, self.config.param_dtype
+        flat = features.reshape(-1, features.shape[-1])
+        valid = pooling_idx >= 0  # [tokens, K]
+        window = jnp.where(valid[..., None], flat[jnp.maximum(pooling_idx, 0)], 0).astype(dtype)
+        count = jnp.maximum(valid.sum(-1, keepdims=True), 1).astype(dtype)
+        query = window.sum(1, keepdims=True) / count[..., None]  # [tokens, 1, F*D]
+
+        axes = ("vit_in", "vit_heads", "head_dim")
+        q = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="q")(query)
+        k = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="k")(window)
+        v = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="v")(window)
+        pooled = dot_product_attention(q, k, v, valid[:, None, None, :])
+        pooled = dense(a.hidden_size, ("vit_heads", "head_dim", "vit_embed"), use_bias=True, dtype=dtype,
+                       param_dtype=pdtype, contract=(-2, -1), name="o")(pooled)[:, 0]
+
+        gate = dense(a.intermediate_size, ("vit_embed", "mlp"), use_bias=False, dtype=dtype, param_dtype=pdtype,
+                     name="gate")(pooled)
+        up = dense(a.intermediate_size, ("vit_embed", "mlp"), use_bias=False, dtype=dtype, param_dtype=pdtype,
+                   name="up")(pooled)
+        out = dense(a.text_hidden_size, ("mlp", "embed"), use_bias=False, dtype=dtype, param_dtype=pdtype,
+                    name="down")(jax.nn.silu(gate) * up)
+        return nn.with_logical_constraint(out, ("act_tokens", "act_embed"))

@@ -1,0 +1,192 @@
+"""Building blocks shared by the ViT, the connector and the LLM: dense layers with logical axes, norms,
+RoPE (default and YaRN), attention with an explicit mask, and the layer-stacking helper."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from molmo2_jax.config import RopeScaling
+
+DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def dense(features: int | Sequence[int], axes: Sequence[str], *, use_bias: bool, dtype, param_dtype,
+          contract: int | tuple[int, ...] = -1, name: str | None = None) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel (and bias) carry logical axis names: `axes` names every kernel dim."""
+    features = tuple(features) if isinstance(features, Sequence) else (features,)
+    return nn.DenseGeneral(
+        features=features, axis=contract, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, tuple(axes)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, tuple(axes[-len(features):])),
+        name=name)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the trailing `len(axes)` dims, in fp32; cast back before the weight (as the reference)."""
+
+    axes: tuple[str, ...] = ("norm",)
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape[-len(self.axes):]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes), shape,
+                           self.param_dtype)
+        reduce = tuple(range(x.ndim - len(self.axes), x.ndim))
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=reduce, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Standard LayerNorm with weight and bias, statistics in fp32."""
+
+    axis_name: str = "vit_embed"
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (d,),
+                           self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)), (d,),
+                          self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RoPE (rotate-half convention over the full head_dim)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> tuple[jax.Array, float]:
+    """Inverse frequencies `[head_dim // 2]` and the cos/sin multiplier (YaRN's attention factor, else 1)."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    pos_freqs = jnp.float32(theta) ** exponents
+    inv_freq = 1.0 / pos_freqs
+    if scaling is None:
+        return inv_freq, 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (scaling.factor * pos_freqs)) * (1 - extrapolation) + inv_freq * extrapolation
+    factor = scaling.attention_factor
+    if factor is None:
+        factor = 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+    return inv_freq, float(factor)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, multiplier: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin `[..., head_dim]` for integer positions `[...]`, in fp32."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * multiplier, jnp.sin(emb) * multiplier
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x `[B, T, heads, head_dim]`; cos/sin `[B, T, head_dim]`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention
+
+
+class MaskInfo(NamedTuple):
+    """Small per-token vectors from which the LLM mask is built inside attention.
+
+    allowed(q, k) = seg(k) > 0 AND seg(k) == seg(q) AND (idx(k) <= idx(q) OR (mm(q) AND mm(k)))
+    `seg` is 0 for padding and one id per packed example; `idx` is the slot in the sequence (or cache);
+    `mm` marks the image/video special tokens that attend to each other bidirectionally.
+    """
+
+    q_seg: jax.Array  # [B, T] int
+    q_idx: jax.Array  # [B, T] int
+    q_mm: jax.Array  # [B, T] bool
+    k_seg: jax.Array  # [B, S] int
+    k_idx: jax.Array  # [B, S] int
+    k_mm: jax.Array  # [B, S] bool
+
+    def allowed(self) -> jax.Array:
+        """Boolean mask `[B, 1, T, S]`."""
+        same = (self.k_seg[:, None, :] == self.q_seg[:, :, None]) & (self.k_seg[:, None, :] > 0)
+        causal = self.k_idx[:, None, :] <= self.q_idx[:, :, None]
+        block = self.q_mm[:, :, None] & self.k_mm[:, None, :]
+        return (same & (causal | block))[:, None]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None) -> jax.Array:
+    """Softmax attention with fp32 logits and softmax.
+
+    q `[B, T, H, D]`, k/v `[B, S, KV, D]` (H a multiple of KV: grouped-query), allowed `[B, 1|H, T, S]`
+    boolean or None. Rows with no allowed key give zeros, never NaN.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    if allowed is not None:
+        allowed = allowed.reshape(b, -1, 1, t, allowed.shape[-1]) if allowed.shape[1] == 1 else allowed.reshape(
+            b, kv, h // kv, t, allowed.shape[-1])
+        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if allowed is not None:
+        weights = jnp.where(allowed, weights, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v)
+    return out.reshape(b, t, h, d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer stacking
+
+
+def remat_policy(name: str):
+    """Map a config name to a jax.checkpoint policy; None means no rematerialisation."""
+    return {
+        "none": None,
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_saveable,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+def stack_layers(layer_cls: type[nn.Module], length: int, policy_name: str, broadcast_args: int,
+                 scanned_args: int, name: str, **layer_kwargs) -> nn.Module:
+    """`layer_cls` applied `length` times with `nn.scan` (params stacked on a leading "layers" axis).
+
+    The layer is called as `layer(carry, *broadcast, *scanned) -> (carry, out)`; broadcast args are the same
+    for every layer, scanned args carry a leading layer axis.
+    """
+    policy = remat_policy(policy_name)
+    cls = layer_cls if policy_name == "none" else nn.remat(layer_cls, policy=policy, prevent_cse=False)
+    return nn.scan(
+        cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * broadcast_args + (0,) * scanned_args, length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(name=name, **layer_kwargs)

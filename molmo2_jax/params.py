@@ -1,0 +1,91 @@
+"""Param trees: abstract shapes and logical names from the model, path-keyed flattening, placement on a mesh."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from molmo2_jax.config import Molmo2Config
+from molmo2_jax.model.molmo2 import Molmo2
+from molmo2_jax.sharding import LOGICAL_RULES
+
+
+def _dummy_inputs(config: Molmo2Config) -> dict[str, jax.Array]:
+    v = config.vision
+    return {
+        "input_ids": jnp.zeros((1, 4), jnp.int32),
+        "pixel_values": jnp.zeros((1, v.num_patches, v.patch_dim), jnp.float32),
+        "image_token_pooling": jnp.zeros((1, 4), jnp.int32),
+    }
+
+
+def abstract_params(config: Molmo2Config) -> dict[str, Any]:
+    """The boxed (LogicallyPartitioned) param tree as ShapeDtypeStructs; nothing is allocated."""
+    model = Molmo2(config)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), **_dummy_inputs(config)))["params"]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> `{"a/b/c": leaf}` (LogicallyPartitioned boxes count as leaves)."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path + "/"))
+        else:
+            out[path] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def logical_names(config: Molmo2Config) -> dict[str, tuple[str, ...]]:
+    """`{path: logical axis names}` for every param."""
+    return {p: tuple(box.names) for p, box in flatten(abstract_params(config)).items()}
+
+
+def param_shapes(config: Molmo2Config) -> dict[str, tuple[int, ...]]:
+    return {p: tuple(box.value.shape) for p, box in flatten(abstract_params(config)).items()}
+
+
+def param_sharding(names: tuple[str, ...], mesh: Mesh) -> NamedSharding:
+    spec = nn.logical_to_mesh_axes(names, LOGICAL_RULES)
+    return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
+
+
+def init_params(config: Molmo2Config, seed: int = 0, mesh: Mesh | None = None) -> dict[str, Any]:
+    """Random params (each born in its sharding when a mesh is given)."""
+    model = Molmo2(config)
+    init = lambda: nn.unbox(model.init(jax.random.key(seed), **_dummy_inputs(config))["params"])
+    if mesh is None:
+        return jax.jit(init)()
+    names = logical_names(config)
+    shardings = unflatten({p: param_sharding(n, mesh) for p, n in names.items()})
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def placer(config: Molmo2Config, mesh: Mesh | None):
+    """`place(path, numpy array) -> jax.Array` putting each param straight into its sharding."""
+    if mesh is None:
+        return lambda path, value: jax.device_put(value)
+    names = logical_names(config)
+    return lambda path, value: jax.device_put(value, param_sharding(names[path], mesh))
+
+
+def count_params(params: Mapping[str, Any]) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))

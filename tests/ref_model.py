@@ -1,0 +1,97 @@
+"""Tiny random reference models (transformers Molmo2ForConditionalGeneration) saved in the released layout,
+and model inputs built with the reference image/video processors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Molmo2Config, Molmo2ForConditionalGeneration, Molmo2ImageProcessor, Molmo2VideoProcessor
+
+# Token ids of the tiny models: base vocabulary 300, the ten Molmo2 tokens right after it.
+VOCAB = 300
+IM_START, IM_END, IM_PATCH, IM_COL, LOW_RES_START = 300, 301, 302, 303, 304
+FRAME_START, FRAME_END = 307, 308
+MM_IDS = (IM_START, IM_END, IM_PATCH, IM_COL, LOW_RES_START, 306, FRAME_START, FRAME_END)
+
+
+def tiny_config(family: str = "qwen3", **text_overrides) -> Molmo2Config:
+    """Qwen3 style (pre-norm, GQA, per-head qk-norm) or Olmo3 style (post-norm, MHA, full-width qk-norm,
+    YaRN on a subset of layers)."""
+    text = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
+                additional_vocab_size=16, num_hidden_layers=3, intermediate_size=96,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "olmo3":
+        text.update(num_key_value_heads=4, qk_norm_type="olmo", norm_after=True, rope_scaling_layers=[0, 2],
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0,
+                                     "attention_factor": 1.2079441541679836, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "original_max_position_embeddings": 64})
+    text.update(text_overrides)
+    return Molmo2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                           num_key_value_heads=4, head_dim=8),
+        adapter_config=dict(vision_feature_layer=[-1, -3], hidden_size=32, num_attention_heads=4,
+                            num_key_value_heads=4, head_dim=8, intermediate_size=48, text_hidden_size=64),
+        text_config=text, image_start_token_id=IM_START, image_end_token_id=IM_END, image_patch_id=IM_PATCH,
+        low_res_image_start_token_id=LOW_RES_START, frame_start_token_id=FRAME_START,
+        frame_end_token_id=FRAME_END)
+
+
+def make_reference(path: Path, family: str = "qwen3", seed: int = 0) -> Molmo2ForConditionalGeneration:
+    """A random reference model saved with `save_pretrained` (released tensor names) at `path`."""
+    torch.manual_seed(seed)
+    model = Molmo2ForConditionalGeneration(tiny_config(family)).eval()
+    with torch.no_grad():  # random norm weights, so a mix-up of norms cannot hide behind all-ones
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def text_ids(rng: np.random.Generator, n: int) -> list[int]:
+    return rng.integers(1, VOCAB, n).tolist()
+
+
+def image_inputs(images: list[Image.Image], seed: int = 0) -> dict[str, np.ndarray]:
+    """One sequence with each image's token block (released layout) between random text tokens."""
+    processed = Molmo2ImageProcessor()(images=images, return_tensors="np")
+    rng = np.random.default_rng(seed)
+    ids = text_ids(rng, 3)
+    for grid in processed["image_grids"]:
+        low_h, low_w, rows, cols = (int(x) for x in grid)
+        ids += [LOW_RES_START] + [IM_PATCH] * (low_h * low_w) + [IM_END]
+        ids += [IM_START] + ([IM_PATCH] * cols + [IM_COL]) * rows + [IM_END]
+        ids += text_ids(rng, 2)
+    return _with_masks(ids, {k: np.asarray(v) for k, v in processed.items()})
+
+
+def video_inputs(num_frames: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (num_frames, 48, 64, 3), dtype=np.uint8)
+    processed = Molmo2VideoProcessor()(videos=[frames], do_sample_frames=False, fps=2.0, return_tensors="np")
+    ids = text_ids(rng, 3)
+    n, rows, cols = (int(x) for x in processed["video_grids"][0])
+    for _ in range(n):
+        ids += text_ids(rng, 2) + [FRAME_START] + [IM_PATCH] * (rows * cols) + [FRAME_END]
+    ids += text_ids(rng, 4)
+    return _with_masks(ids, {k: np.asarray(v) for k, v in processed.items()})
+
+
+def _with_masks(ids: list[int], extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    input_ids = np.asarray([ids], np.int64)
+    return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+            "mm_token_type_ids": np.isin(input_ids, MM_IDS).astype(np.int64), **extra}
+
+
+def reference_logits(model: Molmo2ForConditionalGeneration, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
+    return out.logits.float().numpy()
