@@ -61,8 +61,9 @@ def _config_ids(family: str) -> dict[str, int]:
         "image_low_res_id": ids["<im_low>"],
         "frame_start_token_id": ids["<frame_start>"],
         "frame_end_token_id": ids["<frame_end>"],
-        "image_token_id": ids["<|image|>"],
-        "video_token_id": ids["<|video|>"],
+        # prompt placeholders (not config fields: in Molmo2Config `image_token_id` aliases image_patch_id)
+        "image_placeholder_id": ids["<|image|>"],
+        "video_placeholder_id": ids["<|video|>"],
     }
 
 

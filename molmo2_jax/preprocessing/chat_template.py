@@ -89,7 +89,8 @@ def apply_chat_template(messages: Sequence[dict[str, Any]], add_generation_promp
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
             raise PromptError(
-                f"messages: conversation roles must alternate user/assistant/...; turn {i} is {role!r}, expected {expected!r}")
+                f"messages: conversation roles must alternate user/assistant/...; "
+                f"turn {i} is {role!r}, expected {expected!r}")
         text = _message_text(message["content"])
         if role == "user":
             if i > 0:

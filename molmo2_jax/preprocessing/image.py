@@ -1,4 +1,4 @@
-"""Image preprocessing in numpy: RGB loading, torch-exact bilinear resize, overlap tiling, patchify, pooling indices.
+"""Image preprocessing in numpy: RGB loading, torch-style bilinear resize, overlap tiling, patchify, pooling indices.
 
 Reproduces the transformers `Molmo2ImageProcessor` (spec section 4.1-4.3) without torch.
 """
@@ -99,12 +99,13 @@ def array_to_rgb(arr: np.ndarray, name: str = "image") -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or min(arr.shape[:2]) == 0:
-        raise ImageLoadError(f"{name}: expected an [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] array, got shape {arr.shape}")
+        raise ImageLoadError(f"{name}: expected an [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] array, "
+                             f"got shape {arr.shape}")
     if arr.shape[-1] == 1:
         return np.repeat(arr, 3, axis=-1)
     if arr.shape[-1] == 4:
-        # As the reference: float alpha blend onto white, then scale back with truncation.
-        f = arr.astype(np.float32) / np.float32(255)
+        # As the reference (torchvision to_dtype): blend onto white in float32, scale back truncating.
+        f = arr.astype(np.float32) * np.float32(1 / 255)
         rgb = f[..., :3] * f[..., 3:] + (np.float32(1) - f[..., 3:])
         return (rgb * np.float32(255.999)).astype(np.uint8)
     return np.ascontiguousarray(arr)
@@ -136,7 +137,9 @@ def load_image(source: ImageInput, name: str | None = None) -> np.ndarray:
             img = Image.open(data)
             img.load()
             img = ImageOps.exif_transpose(img)  # upright, as the reference's path loader
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        except UnidentifiedImageError:
+            raise ImageLoadError(f"cannot read image {label}: not a recognised image format") from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise ImageLoadError(f"cannot read image {label}: {e}") from None
     if img.width == 0 or img.height == 0:
         raise ImageLoadError(f"image {label} is empty ({img.width}x{img.height})")
@@ -174,53 +177,68 @@ def _column_taps(in_w: int, out_w: int, channels: int) -> tuple[np.ndarray, ...]
     return taps
 
 
+_STRIP_ROWS = 32  # output rows interpolated together: keeps the float32 temporaries in cache
+
+
+@functools.lru_cache(maxsize=512)
+def _row_strips(in_h: int, out_h: int) -> tuple[tuple[slice, np.ndarray, np.ndarray, np.ndarray], ...]:
+    """Per strip of output rows: the source rows it reads and, for each output row, their local indices."""
+    y0, y1, _, _ = _linear_taps(in_h, out_h)
+    strips = []
+    for top in range(0, out_h, _STRIP_ROWS):
+        sl = slice(top, min(top + _STRIP_ROWS, out_h))
+        rows = np.union1d(y0[sl], y1[sl])
+        strips.append((sl, rows, np.searchsorted(rows, y0[sl]), np.searchsorted(rows, y1[sl])))
+    return tuple(strips)
+
+
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize `[..., H, W, C]` uint8 to `[..., height, width, C]` uint8 like the reference.
 
     torch's kernel in float32 (width taps per source row, then the two rows), rounded half to even
-    and clamped. Only the source rows that some output row reads are interpolated.
+    and clamped. Works per image and per strip of output rows, interpolating only the source rows
+    each strip reads.
     """
     *lead, in_h, in_w, channels = image.shape
     if (in_h, in_w) == (height, width):
         return image
-    y0, y1, wy0, wy1 = _linear_taps(in_h, height)
+    _, _, wy0, wy1 = _linear_taps(in_h, height)
     c0, c1, wc0, wc1 = _column_taps(in_w, width, channels)
-    rows, inverse = np.unique(np.concatenate([y0, y1]), return_inverse=True)
-    src = np.take(image.reshape(*lead, in_h, in_w * channels), rows, axis=-2)
-    flat = np.take(src, c0, axis=-1).astype(np.float32)
-    flat *= wc0
-    right = np.take(src, c1, axis=-1).astype(np.float32)
-    right *= wc1
-    flat += right  # [..., rows, width * C]
-    out = np.take(flat, inverse[:height], axis=-2)
-    out *= wy0[:, None]
-    bottom = np.take(flat, inverse[height:], axis=-2)
-    bottom *= wy1[:, None]
-    out += bottom
-    np.rint(out, out=out)
-    np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8).reshape(*lead, height, width, channels)
-
-
-@functools.lru_cache(maxsize=16)
-def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...], rescale_factor: float) -> np.ndarray:
-    """`[256, C]` float32 of `(v - mean*255) / (std*255)` with the reference's float32 operations."""
-    inv = 1.0 / rescale_factor
-    m = (np.asarray(mean, dtype=np.float32) * np.float32(inv)).astype(np.float32)
-    s = (np.asarray(std, dtype=np.float32) * np.float32(inv)).astype(np.float32)
-    table = ((np.arange(256, dtype=np.float32)[:, None] - m) / s).astype(np.float32)
-    table.setflags(write=False)
-    return table
+    src = image.reshape(-1, in_h, in_w * channels)
+    out = np.empty((src.shape[0], height, width * channels), dtype=np.uint8)
+    for n in range(src.shape[0]):
+        for sl, rows, r0, r1 in _row_strips(in_h, height):
+            band = np.take(src[n], rows, axis=0)
+            flat = np.multiply(np.take(band, c0, axis=-1), wc0, dtype=np.float32)  # uint8 -> float32 exactly
+            flat += np.multiply(np.take(band, c1, axis=-1), wc1, dtype=np.float32)
+            strip = np.take(flat, r0, axis=0)
+            strip *= wy0[sl, None]
+            bottom = np.take(flat, r1, axis=0)
+            bottom *= wy1[sl, None]
+            strip += bottom
+            np.rint(strip, out=strip)
+            np.clip(strip, 0, 255, out=strip)
+            out[n, sl] = strip
+    return out.reshape(*lead, height, width, channels)
 
 
 def normalize(pixels: np.ndarray, cfg: ImageConfig) -> np.ndarray:
-    """uint8 pixels with channels interleaved last -> float32, the reference's fused rescale + normalise."""
-    table = _normalize_table(tuple(cfg.image_mean), tuple(cfg.image_std), cfg.rescale_factor)
-    if np.all(table == table[:, :1]):  # same statistics on every channel: one lookup
-        return np.take(table[:, 0], pixels)
-    channels = table.shape[1]
-    flat = pixels.reshape(-1, channels)
-    return table[flat, np.arange(channels)].reshape(pixels.shape)
+    """uint8 pixels (channels interleaved last) -> float32 `(x - mean*255) / (std*255)`.
+
+    The reference's fused rescale + normalise, with the same float32 operations.
+    """
+    inv = np.float32(1.0 / cfg.rescale_factor)
+    mean = (np.asarray(cfg.image_mean, dtype=np.float32) * inv).astype(np.float32)
+    std = (np.asarray(cfg.image_std, dtype=np.float32) * inv).astype(np.float32)
+    out = np.empty(pixels.shape, dtype=np.float32)
+    if np.all(mean == mean[0]) and np.all(std == std[0]):  # scalar statistics: fastest path
+        np.subtract(pixels, mean[0], out=out, dtype=np.float32)
+        out /= std[0]
+        return out
+    view = out.reshape(-1, len(mean))
+    np.subtract(pixels.reshape(-1, len(mean)), mean, out=view, dtype=np.float32)
+    view /= std
+    return out
 
 
 def patchify(crops: np.ndarray, patch_size: int) -> np.ndarray:
@@ -313,19 +331,28 @@ def compute_tiling(height: int, width: int, cfg: ImageConfig) -> Tiling:
 
 @dataclass
 class ProcessedImage:
-    """One image's model inputs (pooling indices local to its own crops)."""
+    """One image's model inputs (pooling indices local to its own crops).
 
-    pixel_values: np.ndarray  # [num_crops, patches_per_crop, patch_dim] float32
+    Patches stay uint8 until `pixel_values` is read, so a batch can be normalised in one pass.
+    """
+
+    patches: np.ndarray  # [num_crops, patches_per_crop, patch_dim] uint8
     pooling_idx: np.ndarray  # [num_tokens, ph*pw] int32
     grid: tuple[int, int, int, int]  # (low_h, low_w, high_h, high_w)
+    config: ImageConfig
 
     @property
     def num_crops(self) -> int:
-        return self.pixel_values.shape[0]
+        return self.patches.shape[0]
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """Normalised float32 patches (computed on each access)."""
+        return normalize(self.patches, self.config)
 
 
 def preprocess_image(image: np.ndarray, cfg: ImageConfig = ImageConfig()) -> ProcessedImage:
-    """Tile one `[H, W, 3]` uint8 image: global 378 view + overlapping crops, patchified and normalised."""
+    """Tile one `[H, W, 3]` uint8 image: global 378 view + overlapping crops, patchified."""
     h, w = image.shape[:2]
     tiling = compute_tiling(h, w, cfg)
     s = cfg.size
@@ -336,5 +363,4 @@ def preprocess_image(image: np.ndarray, cfg: ImageConfig = ImageConfig()) -> Pro
     for i in range(tiling.rows):
         for j in range(tiling.cols):
             crops[1 + i * tiling.cols + j] = canvas[i * window : i * window + s, j * window : j * window + s]
-    pixels = normalize(patchify(crops, cfg.patch_size), cfg)
-    return ProcessedImage(pixels, tiling.pooling_idx, tiling.grid)
+    return ProcessedImage(patchify(crops, cfg.patch_size), tiling.pooling_idx, tiling.grid, cfg)

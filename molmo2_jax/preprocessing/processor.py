@@ -18,7 +18,14 @@ import numpy as np
 
 from molmo2_jax.preprocessing.chat_template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, apply_chat_template
 from molmo2_jax.preprocessing.errors import PromptError, TokenizerLoadError
-from molmo2_jax.preprocessing.image import ImageConfig, ImageInput, ProcessedImage, load_image, preprocess_image
+from molmo2_jax.preprocessing.image import (
+    ImageConfig,
+    ImageInput,
+    ProcessedImage,
+    load_image,
+    normalize,
+    preprocess_image,
+)
 from molmo2_jax.preprocessing.tokenizer import Molmo2Tokenizer
 from molmo2_jax.preprocessing.video import (
     DecodedVideo,
@@ -62,7 +69,8 @@ class Molmo2Processor:
         self.image_config = image_config
         self.video_config = video_config
         self.image_use_col_tokens = image_use_col_tokens
-        self.low_res_col_tokens = image_use_col_tokens if use_single_crop_col_tokens is None else use_single_crop_col_tokens
+        self.low_res_col_tokens = (
+            image_use_col_tokens if use_single_crop_col_tokens is None else use_single_crop_col_tokens)
         self.low_res_start = "<low_res_im_start>" if use_single_crop_start_token else "<im_start>"
         self.video_use_col_tokens = video_use_col_tokens
         self.frame_start, self.frame_end = (
@@ -133,7 +141,7 @@ class Molmo2Processor:
                 decoded = decode_video(video, num_frames=cfg.num_frames, max_fps=cfg.max_fps, resize_to=cfg.size,
                                        name=None if isinstance(video, (str, os.PathLike)) else f"videos[{i}]")
                 frames, times = decoded.frames, decoded.timestamps
-            out.append(preprocess_frames(frames, times, cfg))
+            out.append(preprocess_frames(frames, times, cfg, name=f"videos[{i}]"))
         return out
 
     def __call__(
@@ -149,7 +157,8 @@ class Molmo2Processor:
     ) -> dict[str, np.ndarray]:
         """Tokenize prompts with their media expanded; returns the reference's arrays (batch padded).
 
-        `images`: paths, bytes, PIL images or arrays, flattened over the batch in placeholder order.
+        `images`: paths, bytes, PIL images or arrays (a list, or per-prompt lists), consumed in
+        placeholder order over the batch.
         `videos`: paths / bytes (decoded with the released sampling), `DecodedVideo`, `(frames,
         timestamps)` or a frame array with `video_fps`. `max_crops`, `num_frames`, `max_fps` override
         the checkpoint settings.
@@ -157,7 +166,7 @@ class Molmo2Processor:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise PromptError("text must be a string or a non-empty list of strings")
-        image_list = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        image_list = _flatten(images)
         video_list = [] if videos is None else ([videos] if not isinstance(videos, list) else list(videos))
 
         n_image_slots = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
@@ -207,28 +216,44 @@ class Molmo2Processor:
             mask[row, sl] = 1
         types = np.where(np.isin(input_ids, self.mm_token_ids), 1, 0)
         types[input_ids == self.video_token_id] = 2
-        types[mask == 0] = 0
         return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types.astype(np.int64)}
+
+
+def _flatten(images: Any) -> list:
+    """Images as one flat list: a single image, a list, or a list of per-prompt lists."""
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    return [img for item in images for img in (item if isinstance(item, (list, tuple)) else [item])]
 
 
 def _offset(pooling: np.ndarray, offset: int) -> np.ndarray:
     return np.where(pooling >= 0, pooling + offset, pooling).astype(pooling.dtype)
 
 
+def _pixels_and_pooling(items: list[ProcessedImage] | list[ProcessedVideo]) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised pixels of all items (one pass over the uint8 patches) and their globally indexed pooling."""
+    offsets = np.cumsum([0] + [p.patches.shape[0] * p.patches.shape[1] for p in items])
+    patches = items[0].patches if len(items) == 1 else np.concatenate([p.patches for p in items])
+    pooling = np.concatenate([_offset(p.pooling_idx, int(o)) for p, o in zip(items, offsets)])
+    return normalize(patches, items[0].config), pooling
+
+
 def _stack_images(items: list[ProcessedImage]) -> dict[str, np.ndarray]:
-    offsets = np.cumsum([0] + [p.pixel_values.shape[0] * p.pixel_values.shape[1] for p in items])
+    pixels, pooling = _pixels_and_pooling(items)
     return {
-        "pixel_values": np.concatenate([p.pixel_values for p in items]),
-        "image_token_pooling": np.concatenate([_offset(p.pooling_idx, int(o)) for p, o in zip(items, offsets)]),
+        "pixel_values": pixels,
+        "image_token_pooling": pooling,
         "image_grids": np.array([p.grid for p in items], dtype=np.int64),
         "image_num_crops": np.array([p.num_crops for p in items], dtype=np.int64),
     }
 
 
 def _stack_videos(items: list[ProcessedVideo]) -> dict[str, np.ndarray]:
-    offsets = np.cumsum([0] + [p.pixel_values.shape[0] * p.pixel_values.shape[1] for p in items])
+    pixels, pooling = _pixels_and_pooling(items)
     return {
-        "pixel_values_videos": np.concatenate([p.pixel_values for p in items]),
-        "video_token_pooling": np.concatenate([_offset(p.pooling_idx, int(o)) for p, o in zip(items, offsets)]),
+        "pixel_values_videos": pixels,
+        "video_token_pooling": pooling,
         "video_grids": np.array([p.grid for p in items], dtype=np.int64),
     }

@@ -36,11 +36,16 @@ def _token_str(value: Any) -> str | None:
 class _SentencePieceBackend:
     """sentencepiece model plus added tokens matched verbatim before the model sees the text."""
 
-    def __init__(self, model_path: Path, added: dict[str, int]):
+    def __init__(self, model_path: Path, added: dict[str, int], specials: Sequence[str] = ()):
         import sentencepiece as spm
 
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
         self.added = dict(added)
+        # Special tokens that are pieces of the model (bos / eos / pad) are also matched verbatim,
+        # so no word-boundary marker is inserted before them.
+        for token in specials:
+            if token and token not in self.added and self.sp.id_to_piece(self.sp.piece_to_id(token)) == token:
+                self.added[token] = self.sp.piece_to_id(token)
         self.id_to_added = {i: t for t, i in self.added.items()}
         ordered = sorted(self.added, key=len, reverse=True)
         self.pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
@@ -146,7 +151,8 @@ class Molmo2Tokenizer:
             added = {_token_str(v): int(k) for k, v in config.get("added_tokens_decoder", {}).items()}
             if (directory / "added_tokens.json").is_file():
                 added.update(_read_json(directory / "added_tokens.json"))
-            backend = _SentencePieceBackend(model_file, added)
+            specials = [_token_str(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")]
+            backend = _SentencePieceBackend(model_file, added, specials)
         eos = _token_str(config.get("eos_token"))
         if eos is None:
             raise TokenizerLoadError(f"no eos_token in {directory}/tokenizer_config.json or special_tokens_map.json")

@@ -81,7 +81,13 @@ class DecodedVideo:
     timestamps: np.ndarray  # [T] float64
     fps: float | None = None
     duration: float | None = None
-    frames_converted: int = 0  # frames turned into RGB arrays while decoding (== number of distinct sampled frames)
+    frames_converted: int = 0  # frames turned into RGB arrays (== number of distinct sampled frames)
+    frames_decoded: int = 0  # frames that came out of the decoder (seeking skips the rest)
+
+
+def _reason(e: Exception) -> str:
+    """FFmpeg's message without the errno / file-name decoration."""
+    return getattr(e, "strerror", None) or str(e)
 
 
 def _open(source: Any, label: str):
@@ -103,7 +109,7 @@ def _open(source: Any, label: str):
     try:
         container = av.open(target, mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoDecodeError(f"cannot decode video {label}: {e}") from None
+        raise VideoDecodeError(f"cannot decode video {label}: {_reason(e)}") from None
     if not container.streams.video:
         container.close()
         raise VideoDecodeError(f"cannot decode video {label}: it has no video stream")
@@ -135,7 +141,7 @@ def decode_video(
         try:
             packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.pts is not None and p.size > 0]
         except av.FFmpegError as e:
-            raise VideoDecodeError(f"cannot decode video {label}: {e}") from None
+            raise VideoDecodeError(f"cannot decode video {label}: {_reason(e)}") from None
         if not packets:
             raise VideoDecodeError(f"cannot decode video {label}: it contains no video frames")
         pts = np.array(sorted(p for p, _ in packets), dtype=np.int64)
@@ -153,21 +159,23 @@ def decode_video(
         frame_end = np.append(pts[1:].astype(np.float64) * float(tb), float(start) + duration)
         index = np.minimum(np.searchsorted(frame_end, times + float(start), side="right"), len(pts) - 1)
         wanted = pts[np.unique(index)]
-        decoded = _decode_selected(container, stream, wanted, keyframes, resize_to, label)
+        decoded, n_decoded = _decode_selected(container, stream, wanted, keyframes, resize_to, label)
         frames = np.stack([decoded[int(p)] for p in pts[index]])
     finally:
         container.close()
     # The released processor stores `times * fps` as frame indices and prints index / fps.
     timestamps = (times * fps) / fps
-    return DecodedVideo(frames, timestamps, fps=fps, duration=duration, frames_converted=len(decoded))
+    return DecodedVideo(frames, timestamps, fps=fps, duration=duration, frames_converted=len(decoded),
+                        frames_decoded=n_decoded)
 
 
 def _decode_selected(container, stream, wanted: np.ndarray, keyframes: np.ndarray, resize_to: int | None,
-                     label: str) -> dict[int, np.ndarray]:
-    """Decode and convert only the frames whose pts are in sorted `wanted`."""
+                     label: str) -> tuple[dict[int, np.ndarray], int]:
+    """Decode and convert only the frames whose pts are in sorted `wanted`; also count decoded frames."""
     import av
 
     out: dict[int, np.ndarray] = {}
+    n_decoded = 0
     frames = None
     last = None  # pts of the last decoded frame
     try:
@@ -178,6 +186,7 @@ def _decode_selected(container, stream, wanted: np.ndarray, keyframes: np.ndarra
                 container.seek(key if key is not None else 0, stream=stream, backward=True, any_frame=False)
                 frames = container.decode(stream)
             for frame in frames:
+                n_decoded += 1
                 last = frame.pts
                 if frame.pts is None or frame.pts < target:
                     continue
@@ -187,32 +196,39 @@ def _decode_selected(container, stream, wanted: np.ndarray, keyframes: np.ndarra
             if target not in out:
                 raise VideoDecodeError(f"cannot decode video {label}: frame at pts {target} could not be decoded")
     except av.FFmpegError as e:
-        raise VideoDecodeError(f"cannot decode video {label}: {e}") from None
-    return out
+        raise VideoDecodeError(f"cannot decode video {label}: {_reason(e)}") from None
+    return out, n_decoded
 
 
 @dataclass
 class ProcessedVideo:
-    """One video's model inputs (pooling indices local to its own frames)."""
+    """One video's model inputs (pooling indices local to its own frames); patches uint8 until read."""
 
-    pixel_values: np.ndarray  # [T, patches_per_frame, patch_dim] float32
+    patches: np.ndarray  # [T, patches_per_frame, patch_dim] uint8
     pooling_idx: np.ndarray  # [T * tokens_per_frame, ph*pw] int64
     grid: tuple[int, int, int]  # (T, rows, cols) of pooled tokens per frame
     timestamps: np.ndarray  # [T] float64
+    config: ImageConfig
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """Normalised float32 patches (computed on each access)."""
+        return normalize(self.patches, self.config)
 
 
-def preprocess_frames(frames: np.ndarray, timestamps: np.ndarray, cfg: VideoConfig = VideoConfig()) -> ProcessedVideo:
-    """Resize `[T, H, W, 3]` uint8 frames to the crop size, patchify, normalise, and build 3x3 pooling."""
+def preprocess_frames(frames: np.ndarray, timestamps: np.ndarray, cfg: VideoConfig = VideoConfig(),
+                      name: str = "video") -> ProcessedVideo:
+    """Resize `[T, H, W, 3]` uint8 frames to the crop size, patchify, and build the 3x3 pooling indices."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-        raise VideoDecodeError(f"video frames must be a non-empty [T, H, W, 3] uint8 array, got {frames.dtype} {frames.shape}")
+        raise VideoDecodeError(
+            f"{name}: frames must be a non-empty [T, H, W, 3] uint8 array, got {frames.dtype} {frames.shape}")
     if len(timestamps) != len(frames):
-        raise VideoDecodeError(f"got {len(frames)} video frames but {len(timestamps)} timestamps")
-    resized = resize_bilinear(frames, cfg.size, cfg.size)
-    pixels = normalize(patchify(resized, cfg.patch_size), cfg.image_config)
+        raise VideoDecodeError(f"{name}: got {len(frames)} frames but {len(timestamps)} timestamps")
+    patches = patchify(resize_bilinear(frames, cfg.size, cfg.size), cfg.patch_size)
     side = cfg.size // cfg.patch_size
     ph, pw = cfg.pooling_size
     per_frame = arange_for_pooling(np.arange(side * side, dtype=np.int64).reshape(side, side), ph, pw)
     offsets = np.arange(len(frames), dtype=np.int64)[:, None, None] * (side * side)
     pooling = np.where(per_frame >= 0, per_frame + offsets, -1).reshape(-1, ph * pw)
     grid = (len(frames), -(-side // ph), -(-side // pw))
-    return ProcessedVideo(pixels, pooling, grid, np.asarray(timestamps, dtype=np.float64))
+    return ProcessedVideo(patches, pooling, grid, np.asarray(timestamps, dtype=np.float64), cfg.image_config)

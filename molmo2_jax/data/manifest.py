@@ -1,0 +1,94 @@
+"""JSONL manifests of local images / videos with conversations (schema: docs/data.md).
+
+Lines are parsed lazily, inside the pipeline workers, so a malformed line becomes one skipped and
+counted example instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from molmo2_jax.data.errors import BadExampleError, DataError
+
+ROLES = ("user", "assistant")
+TARGET_KEYS = ("content", "points", "tracks")
+
+
+class ManifestSource:
+    """Random-access lines of a JSONL manifest (a Grain data source); blank lines are ignored."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"manifest not found: {self.path}")
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read manifest {self.path}: {e}") from None
+        self._lines = [(n + 1, line) for n, line in enumerate(lines) if line.strip()]
+        if not self._lines:
+            raise DataError(f"manifest {self.path} has no examples")
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        number, line = self._lines[index]
+        return {"manifest": str(self.path), "line": number, "text": line}
+
+    def __repr__(self) -> str:
+        return f"ManifestSource({self.path})"
+
+
+def _resolve(base: Path, value: Any, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise BadExampleError(f"{where}: media paths must be non-empty strings, got {value!r}")
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def parse_line(record: dict[str, Any]) -> dict[str, Any]:
+    """A manifest line -> the common raw example (`id`, `images`, `video`, `messages`, `loss_multiplier`).
+
+    Raises `BadExampleError` naming the manifest line when it is not valid JSON or breaks the schema.
+    """
+    where = f"{record['manifest']}:{record['line']}"
+    try:
+        data = json.loads(record["text"])
+    except json.JSONDecodeError as e:
+        raise BadExampleError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise BadExampleError(f"{where}: each line must be a JSON object")
+    name = f"{where} ({data['id']})" if isinstance(data.get("id"), str) else where
+    base = Path(record["manifest"]).parent
+    if "image" in data and "images" in data:
+        raise BadExampleError(f"{name}: give 'image' or 'images', not both")
+    images = data.get("images", [data["image"]] if "image" in data else [])
+    if not isinstance(images, list):
+        raise BadExampleError(f"{name}: 'images' must be a list of paths")
+    video = data.get("video")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadExampleError(f"{name}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        expected = ROLES[i % 2]
+        if not isinstance(m, dict) or m.get("role") != expected:
+            raise BadExampleError(f"{name}: messages[{i}] must be an object with role {expected!r}")
+        present = [k for k in TARGET_KEYS if k in m]
+        if len(present) != 1 or (expected == "user" and present != ["content"]):
+            allowed = "'content'" if expected == "user" else "one of 'content', 'points', 'tracks'"
+            raise BadExampleError(f"{name}: messages[{i}] needs {allowed}")
+    if messages[-1]["role"] != "assistant":
+        raise BadExampleError(f"{name}: the last message must be the assistant's")
+    multiplier = data.get("loss_multiplier", 1.0)
+    if not isinstance(multiplier, (int, float)) or multiplier < 0:
+        raise BadExampleError(f"{name}: 'loss_multiplier' must be a non-negative number")
+    return {
+        "id": name,
+        "images": [_resolve(base, p, f"{name}: images[{i}]") for i, p in enumerate(images)],
+        "video": None if video is None else _resolve(base, video, f"{name}: video"),
+        "messages": messages,
+        "loss_multiplier": float(multiplier),
+    }
