@@ -16,6 +16,7 @@ from molmo2_jax.checkpoint import converted, hf
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import flatten, logical_names, param_sharding, param_shapes, placer, unflatten
+from molmo2_jax.sharding import activate
 
 # Model inputs, named like the transformers Molmo2Processor outputs.
 INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
@@ -83,18 +84,18 @@ class Molmo2Model:
     def __call__(self, inputs: Mapping[str, Any]) -> jax.Array:
         """Logits `[batch, seq, vocab]` (fp32) for a processor output dict."""
         prepared = self.prepare(inputs)
-        with _mesh_context(self.mesh):
+        with activate(self.mesh):
             return self._forward(self.params, prepared)
+
+    def generate(self, inputs: Mapping[str, Any], **kwargs):
+        """Decode new tokens for a processor output dict; see `molmo2_jax.generation.generate`."""
+        from molmo2_jax.generation import generate
+
+        return generate(self, inputs, **kwargs)
 
     def apply(self, *args, method=None, **kwargs):
         """`module.apply` with our params (for ViT features, pooled tokens, ...)."""
         return self.module.apply({"params": self.params}, *args, method=method, **kwargs)
-
-
-def _mesh_context(mesh: Mesh | None):
-    import contextlib
-
-    return jax.sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, **config_changes) -> Molmo2Model:

@@ -135,10 +135,9 @@ class Molmo2Config:
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     tokens: TokenIds = dataclasses.field(default_factory=TokenIds)
-    # Runtime choices (not part of the checkpoint): dtypes, layer scanning and rematerialisation.
+    # Runtime choices (not part of the checkpoint): dtypes and rematerialisation of the scanned layers.
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    scan_layers: bool = True
     remat_policy: str = "none"  # "none", "full", "dots", "dots_no_batch" (see model/layers.py)
 
     def validate(self) -> "Molmo2Config":

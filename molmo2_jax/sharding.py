@@ -3,18 +3,26 @@
 Every param is declared with logical names (model/layers.py) and key activations are constrained with
 `nn.with_logical_constraint`; this table decides where each name lands on the mesh
 `("data", "fsdp", "sequence", "tensor")`. All four axes always exist (size 1 when unused).
+
+Flax resolves the table by priority and silently skips a rule whose mesh axis is already taken by another
+dim of the same array; `logical_to_spec` instead refuses such a collision, and `check_config` runs it over
+every param together with the divisibility checks, so a bad mesh fails in one line before any compilation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits the params
 
 # logical name -> mesh axis (or tuple of axes, or None for replicated). Params first, then activations.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -31,28 +39,86 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vit_embed", "fsdp"),
     ("vit_mlp", "tensor"),
     ("vit_heads", "tensor"),
-    ("vit_in", None),  # 588 patch values / 2304 concatenated features / 729 positions
+    ("vit_features", "fsdp"),  # 2304 concatenated ViT features entering the connector's q/k/v
+    ("vit_in", None),  # 588 patch values / 729 positions (not divisible by typical mesh sizes)
     # activations
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", BATCH_AXES),
     ("act_length", "sequence"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("act_crops", ("data", "fsdp")),
+    ("act_crops", BATCH_AXES),
     ("act_patches", None),
-    ("act_tokens", ("data", "fsdp")),
-    ("cache_batch", ("data", "fsdp")),
+    ("act_tokens", BATCH_AXES),
+    # KV cache [layers, batch, length, kv_heads, head_dim]
+    ("cache_batch", BATCH_AXES),
     ("cache_length", "sequence"),
+    ("cache_heads", "tensor"),
 )
 
 
 class MeshError(ValueError):
-    """A mesh specification does not fit the available devices."""
+    """A mesh specification does not fit the available devices or the model."""
 
 
-def mesh_shape(spec: dict[str, int], num_devices: int) -> tuple[int, ...]:
+def _check_table(rules: Sequence[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
+    """The rules as `{logical: (mesh axes...)}`; each logical name once, only known mesh axes."""
+    table: dict[str, tuple[str, ...]] = {}
+    for name, target in rules:
+        if name in table:
+            raise MeshError(f"sharding rules name logical axis {name!r} twice")
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise MeshError(f"sharding rule {name!r} -> {target!r} uses unknown mesh axes {unknown}")
+        table[name] = axes
+    return table
+
+
+_TABLE = _check_table(LOGICAL_RULES)
+
+
+def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
+    """PartitionSpec for an array whose dims carry `names`; a mesh axis used by two dims is an error."""
+    used: dict[str, str] = {}
+    spec = []
+    for name in names:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in _TABLE:
+            raise MeshError(f"logical axis {name!r} has no sharding rule; known: {sorted(_TABLE)}")
+        axes = _TABLE[name]
+        for axis in axes:
+            if axis in used:
+                raise MeshError(f"logical axes {used[axis]!r} and {name!r} of {tuple(names)} both map to "
+                                f"mesh axis {axis!r}")
+            used[axis] = name
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Meshes
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`"fsdp=64,tensor=2"` -> `{"fsdp": 64, "tensor": 2}` (axes not named get size 1; one may be -1)."""
+    spec: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        axis, _, size = item.partition("=")
+        if axis not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+            raise MeshError(f"mesh {text!r}: {item!r} is not AXIS=SIZE with AXIS one of {list(MESH_AXES)}")
+        value = int(size)
+        if value == 0 or value < -1:
+            raise MeshError(f"mesh {text!r}: size of {axis!r} must be positive or -1")
+        spec[axis] = value
+    return spec
+
+
+def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolve a `{axis: size}` spec (one size may be -1) against a device count."""
     unknown = sorted(set(spec) - set(MESH_AXES))
     if unknown:
@@ -60,19 +126,122 @@ def mesh_shape(spec: dict[str, int], num_devices: int) -> tuple[int, ...]:
     sizes = [int(spec.get(axis, 1)) for axis in MESH_AXES]
     fills = [i for i, size in enumerate(sizes) if size == -1]
     if len(fills) > 1:
-        raise MeshError(f"mesh {spec}: at most one axis may be -1")
+        raise MeshError(f"mesh {dict(spec)}: at most one axis may be -1")
     known = math.prod(size for size in sizes if size != -1)
     if fills:
         if num_devices % known:
-            raise MeshError(f"mesh {spec}: {num_devices} devices are not divisible by {known}")
+            raise MeshError(f"mesh {dict(spec)}: {num_devices} devices are not divisible by {known}")
         sizes[fills[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise MeshError(f"mesh {spec} has {math.prod(sizes)} devices but {num_devices} are available")
+        raise MeshError(f"mesh {dict(spec)} has {math.prod(sizes)} devices but {num_devices} are available")
     return tuple(sizes)
 
 
-def make_mesh(spec: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with all four axes (Auto axis types, which the linen logical-partitioning style needs)."""
-    devices = list(devices if devices is not None else jax.devices())
+def make_mesh(spec: Mapping[str, int] | str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with all four axes (Auto axis types, which the linen logical-partitioning style needs).
+
+    Devices are laid out by `jax.make_mesh`'s topology-aware order when all devices are used.
+    """
+    if isinstance(spec, str):
+        spec = parse_mesh(spec)
+    all_devices = devices is None
+    devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(spec or {"fsdp": -1}, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    if all_devices:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    """One line such as `data=1 fsdp=8 sequence=1 tensor=1 (8 devices, cpu)`."""
+    sizes = " ".join(f"{axis}={mesh.shape[axis]}" for axis in MESH_AXES)
+    platform = mesh.devices.flat[0].platform if isinstance(mesh, Mesh) else "abstract"
+    return f"{sizes} ({math.prod(mesh.shape.values())} devices, {platform})"
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh | None) -> Iterator[None]:
+    """Make `mesh` current and the rules table active, so `nn.with_logical_constraint` in the model takes
+    effect. Trace (jit) the model inside this context; without a mesh it does nothing."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking a config against a mesh, and the shardings of params, batches and the KV cache
+
+
+def check_config(config, mesh: Mesh) -> None:
+    """Fail fast, before any compilation, when `config` cannot be laid out on `mesh`: head counts not divisible
+    by the tensor axis, a param dim not divisible by the mesh axes the rules give it, or a rules collision."""
+    from molmo2_jax.params import logical_names, param_shapes  # params imports this module
+
+    tensor = mesh.shape["tensor"]
+    heads = {"text.num_heads": config.text.num_heads, "text.num_kv_heads": config.text.num_kv_heads,
+             "vision.num_heads": config.vision.num_heads, "adapter.num_heads": config.adapter.num_heads}
+    for field, count in heads.items():
+        if count % tensor:
+            raise MeshError(f"{field} = {count} is not divisible by the tensor axis of the mesh (tensor={tensor}); "
+                            f"choose a tensor size that divides every head count")
+    shapes = param_shapes(config)
+    problems = []
+    for path, names in logical_names(config).items():
+        spec = logical_to_spec(names)
+        for dim, axes in zip(shapes[path], spec):
+            size = _axes_size(mesh, axes)
+            if dim % size:
+                problems.append(f"{path} dim {dim} over {axes} (size {size})")
+    if problems:
+        raise MeshError(f"{len(problems)} param(s) cannot be split evenly on mesh {describe_mesh(mesh)}: "
+                        + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""))
+
+
+def _axes_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def param_shardings(config, mesh: Mesh) -> dict[str, Any]:
+    """The nested tree of `NamedSharding`s of every param (after `check_config`)."""
+    from molmo2_jax.params import logical_names, unflatten
+
+    check_config(config, mesh)
+    return unflatten({p: NamedSharding(mesh, logical_to_spec(n)) for p, n in logical_names(config).items()})
+
+
+def _fitting(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+    """The rules' spec, minus mesh axes that do not divide their dim (e.g. a batch of 1 on fsdp=8)."""
+    spec = []
+    for dim, axes in zip(shape, logical_to_spec(names)):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        kept, size = [], 1
+        for axis in axes:
+            if dim % (size * mesh.shape[axis]) == 0:
+                kept.append(axis)
+                size *= mesh.shape[axis]
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*spec)
+
+
+def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+    """Input shardings: the leading axis (examples, crops, pooled tokens) over `data` x `fsdp` where it
+    divides; every other axis replicated."""
+    return {k: NamedSharding(mesh, _fitting(mesh, ("act_batch",) + (None,) * (np.ndim(v) - 1), np.shape(v)))
+            for k, v in batch.items()}
+
+
+def cache_shardings(config, mesh: Mesh, batch: int, max_length: int) -> dict[str, NamedSharding]:
+    """Shardings of `model.molmo2.init_cache(config, batch, max_length)`: k/v `[layers, B, S, KV, hd]` over
+    cache_batch / cache_length / cache_heads; mesh axes that do not divide a dim are left out."""
+    t = config.text
+    kv_names = ("layers", "cache_batch", "cache_length", "cache_heads", "head_dim")
+    kv = NamedSharding(mesh, _fitting(mesh, kv_names, (t.num_layers, batch, max_length, t.num_kv_heads,
+                                                       t.head_dim)))
+    per_slot = NamedSharding(mesh, _fitting(mesh, ("cache_batch", "cache_length"), (batch, max_length)))
+    return {"k": kv, "v": kv, "seg": per_slot, "mm": per_slot, "index": NamedSharding(mesh, PartitionSpec()),
+            "next_position": NamedSharding(mesh, _fitting(mesh, ("cache_batch",), (batch,)))}

@@ -5,16 +5,19 @@ failed conversion leaves nothing at the destination."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from molmo2_jax.config import Molmo2Config, from_dict, to_dict
+from molmo2_jax.params import unflatten
 
 CONFIG_FILE = "molmo2_jax_config.json"
 PARAMS_DIR = "params"
@@ -53,6 +56,7 @@ def write_atomically(dst: Path, overwrite: bool, fill: Callable[[Path], Any]) ->
     prepare_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary directory
     try:
         result = fill(tmp)
         if dst.exists():
@@ -64,11 +68,43 @@ def write_atomically(dst: Path, overwrite: bool, fill: Callable[[Path], Any]) ->
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save(dst: Path, config: Molmo2Config, params: dict[str, Any]) -> None:
-    """Write config + params into an (empty) directory."""
-    (dst / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2))
+    """Write config + params (a tree of jax arrays) into an (empty) directory."""
+    write_config(dst, config)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save((dst / PARAMS_DIR).absolute(), params)
+
+
+def write_config(dst: Path, config: Molmo2Config) -> None:
+    (dst / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2))
+
+
+# Host-array saves stream from the arrays' own memory (no defensive copy) in small chunks and small OCDBT data
+# files, so memory-mapped params are written with a constant amount of anonymous memory.
+_HOST_CHUNK_BYTES = 16 << 20
+
+
+def save_host_params(dst: Path, flat: dict[str, np.ndarray], stacked: Collection[str] = ()) -> None:
+    """Write `{param_path: numpy array}` (typically `np.memmap`s) as the Orbax `params/` item of `dst`.
+
+    The result restores exactly like `save`'s. Peak anonymous memory stays near a few chunks whatever the
+    array sizes; memory-mapped pages are file-backed, so the kernel can write them back and drop them. Params in
+    `stacked` (leading layer axis) get one-layer chunks, so a reader can fetch one layer without decoding others.
+    """
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, type_handler_registry=registry)
+    save_args = {p: ocp.SaveArgs(chunk_byte_size=_HOST_CHUNK_BYTES, shard_axes=(0,) if p in stacked else ())
+                 for p in flat}
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save((dst / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(
+            unflatten(flat), save_args=unflatten(save_args), ocdbt_target_data_file_size=_HOST_CHUNK_BYTES))
 
 
 def restore_params(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +114,10 @@ def restore_params(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
 
 
 def abstract_like(params_shapes: dict[str, Any], dtype, shardings: dict[str, Any] | None) -> dict[str, Any]:
+    """ShapeDtypeStructs to restore into: `shardings`, or the default device (so leaves come back as jax arrays
+    whatever array type was saved)."""
     if shardings is None:
-        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), params_shapes)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, params_shapes)
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
                                   params_shapes, shardings)

@@ -110,11 +110,15 @@ def _to_param(chunk: np.ndarray, shape: tuple[int, ...], rule: Rule) -> np.ndarr
 
 def import_params(src: str | Path, config: Molmo2Config, shapes: dict[str, tuple[int, ...]],
                   dtype: str = "float32", place: Callable[[str, np.ndarray], object] = lambda path, x: x,
-                  progress: Callable[[str], None] | None = None) -> dict[str, object]:
+                  progress: Callable[[str], None] | None = None,
+                  allocate: Callable[[str, tuple[int, ...], np.dtype], np.ndarray] | None = None
+                  ) -> dict[str, object]:
     """Stream an HF checkpoint into `{param_path: place(path, array)}`.
 
     `shapes` holds the expected shape of every param (stacked layer params with their leading axis). Each
-    param is complete, converted to `dtype` and handed to `place` before the next rule is read.
+    param is complete, converted to `dtype` and handed to `place` before the next rule is read. `allocate(path,
+    shape, dtype)` makes the buffer a param is filled into (default `np.empty`; a memory map keeps stacked
+    params out of anonymous memory).
     """
     src = Path(src)
     source = TensorSource(src)
@@ -125,7 +129,8 @@ def import_params(src: str | Path, config: Molmo2Config, shapes: dict[str, tuple
     missing, misshaped, out = [], [], {}
     for rule in table:
         n = layer_count(rule, config)
-        buffers = {p: np.empty(shapes[p], np_dtype) for p in rule.params}
+        buffers = {p: allocate(p, shapes[p], np_dtype) if allocate else np.empty(shapes[p], np_dtype)
+                   for p in rule.params}
         for i in range(n) if n is not None else [None]:
             hf_names = [h.format(i=i) for h in rule.hf]
             absent = [h for h in hf_names if h not in names]
@@ -184,19 +189,22 @@ def export_tensors(get: Callable[[str], np.ndarray], config: Molmo2Config,
                    dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
     """Yield `(hf_name, array)` in the released layout, one tensor at a time.
 
-    `get(param_path)` returns one param (stacked for layer params); it is called once per rule, so a caller
-    streaming from disk keeps one param plus one tensor in memory.
+    `get(param_path)` returns one param (stacked for layer params), an array or anything that reads lazily when
+    indexed by layer and passed to `np.asarray` (a tensorstore handle); it is called once per rule, so a caller
+    streaming from disk keeps one layer's tensors in memory.
     """
     np_dtype = DTYPES[dtype]
     for rule in active_rules(RELEASED, config):
         n = layer_count(rule, config)
-        values = [np.asarray(get(p)) for p in rule.params]
+        values = [get(p) for p in rule.params]
         for i in range(n) if n is not None else [None]:
-            blocks = [_hf_block(v if i is None else v[i], rule) for v in values]
+            blocks = [_hf_block(np.asarray(v if i is None else v[i]), rule) for v in values]
             matrix = np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
             sizes = rule.hf_rows(config) if rule.hf_rows else (matrix.shape[0],)
-            for name, part in zip(rule.hf, np.split(matrix, np.cumsum(sizes)[:-1], axis=0)):
-                yield name.format(i=i), np.ascontiguousarray(part.astype(np_dtype))
+            parts = np.split(matrix, np.cumsum(sizes)[:-1], axis=0)
+            del blocks, matrix  # keep only what is yielded alive while the next tensor is read
+            for name in rule.hf:
+                yield name.format(i=i), np.ascontiguousarray(parts.pop(0), dtype=np_dtype)  # one copy at most
 
 
 def _hf_block(value: np.ndarray, rule: Rule) -> np.ndarray:

@@ -27,7 +27,7 @@ class Connector(nn.Module):
         count = jnp.maximum(valid.sum(-1, keepdims=True), 1).astype(dtype)
         query = window.sum(1, keepdims=True) / count[..., None]  # [tokens, 1, F*D]
 
-        axes = ("vit_in", "vit_heads", "head_dim")
+        axes = ("vit_features", "vit_heads", "head_dim")
         q = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="q")(query)
         k = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="k")(window)
         v = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="v")(window)

@@ -1,0 +1,270 @@
+"""Our checkpoints -> a Hugging Face Molmo2 checkpoint in the released layout, streamed tensor by tensor.
+
+Sources: a converted checkpoint (`molmo2_jax_config.json` + Orbax `params/`) or a training checkpoint (a run
+directory of step directories, or one step directory, each with the Orbax `state/` item whose `params`
+subtree is exported - the optimizer state is never read - and the `config/` JSON item holding the model
+config). Params are read through tensorstore one layer slice at a time, converted by the declarative table
+(`hf.export_tensors`) and appended to safetensors shards of at most `max_shard_bytes`, so memory stays near
+one tensor plus a constant. Output: the shards, `model.safetensors.index.json`, the released-form
+`config.json` and the tokenizer/processor files of the source. Nothing appears at the destination unless the
+whole export succeeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from molmo2_jax.checkpoint import converted, hf
+from molmo2_jax.checkpoint.table import RELEASED, active_rules, layer_count
+from molmo2_jax.config import Molmo2Config, from_dict, to_hf_config
+from molmo2_jax.params import param_shapes
+
+MAX_SHARD_BYTES = 5 * 10**9  # the usual Hugging Face shard limit ("5GB")
+INDEX_FILE = "model.safetensors.index.json"
+TRAIN_STATE_ITEM, TRAIN_CONFIG_ITEM = "state", "config"  # items of a training step directory
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# A stacked param whose storage chunks are at most this big is read one layer at a time; a coarsely chunked one
+# (e.g. a whole-array chunk) is read once, as re-decoding a big chunk per layer would be slow.
+_LAZY_CHUNK_BYTES = 64 << 20
+
+
+def export_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", overwrite: bool = False,
+                 step: int | None = None, side_files_from: str | Path | None = None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] | None = print) -> list[str]:
+    """Export `src` (converted or training checkpoint) to the HF directory `dst`; returns the shard names.
+
+    `step` picks a step of a training run directory (default: the latest). Tokenizer and processor files are
+    copied from `side_files_from` when given, else from the source (and a training run's directory).
+    """
+    src, dst = Path(src), Path(dst)
+    say = log or (lambda message: None)
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise hf.CheckpointError(f"--dtype {dtype!r}: expected one of {sorted(_SAFETENSORS_DTYPES)}")
+    source = ParamSource.open(src, step)
+    side_dirs = [Path(side_files_from)] if side_files_from is not None else source.side_dirs
+    for directory in side_dirs:
+        if not directory.is_dir():
+            raise hf.CheckpointError(f"{directory}: directory to copy tokenizer files from does not exist")
+    converted.prepare_destination(dst, overwrite)
+    config = source.config
+    say(f"exporting {source.where} to {dst} as {dtype}")
+
+    def fill(tmp: Path) -> list[str]:
+        start = time.perf_counter()
+        writer = ShardWriter(tmp, _tensor_names(config), max_shard_bytes)
+        for name, array in hf.export_tensors(source.get, config, dtype):
+            writer.add(name, array)
+            del array  # not alive while the next tensor is read
+            writer.report(say)
+        shards = writer.finish()
+        seconds = time.perf_counter() - start
+        say(f"wrote {len(shards)} shard(s), {writer.total / 1e9:.2f} GB in {seconds:.1f} s "
+            f"({writer.total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(config, dtype), indent=2))
+        for directory in side_dirs:
+            copied = converted.copy_side_files(directory, tmp)
+            if copied:
+                say(f"copied {', '.join(copied)} from {directory}")
+        return shards
+
+    shards = converted.write_atomically(dst, overwrite, fill)
+    say(f"done: {dst}")
+    return shards
+
+
+class ParamSource:
+    """Lazy per-param access to the params of a converted or training checkpoint."""
+
+    def __init__(self, where: Path, config: Molmo2Config, item: Path, prefix: str, side_dirs: list[Path]):
+        self.where, self.config, self.item, self.prefix, self.side_dirs = where, config, item, prefix, side_dirs
+        # Few reads in flight: each holds a compressed chunk, so this bounds memory beyond the tensor itself.
+        self.context = ocp.type_handlers.get_ts_context(use_ocdbt=True, file_io_concurrency_limit=4)
+        metadata = _read_json(item / "_METADATA", item)
+        self.use_zarr3 = bool(metadata.get("use_zarr3", False))
+        self.is_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(item))
+        self._check_params()
+
+    @classmethod
+    def open(cls, src: Path, step: int | None = None) -> "ParamSource":
+        if not src.is_dir():
+            raise hf.CheckpointError(f"{src}: checkpoint directory does not exist")
+        if converted.is_converted(src):
+            return cls(src, converted.read_config(src), src / converted.PARAMS_DIR, "", [src])
+        if _is_train_step(src):
+            return cls(src, _train_config(src), src / TRAIN_STATE_ITEM, "params.", [src, src.parent])
+        steps = {int(p.name): p for p in src.iterdir() if p.name.isdigit() and _is_train_step(p)}
+        if steps:
+            chosen = max(steps) if step is None else step
+            if chosen not in steps:
+                raise hf.CheckpointError(f"{src}: training run has no step {step} (saved steps: {sorted(steps)})")
+            where = steps[chosen]
+            return cls(where, _train_config(where), where / TRAIN_STATE_ITEM, "params.", [src])
+        raise hf.CheckpointError(
+            f"{src}: not a converted or training checkpoint (expected {converted.CONFIG_FILE} + "
+            f"{converted.PARAMS_DIR}/, or step directories with {TRAIN_STATE_ITEM}/ and {TRAIN_CONFIG_ITEM}/)")
+
+    def _open(self, path: str) -> ts.TensorStore:
+        info = ocp.type_handlers.ParamInfo(name=self.prefix + path.replace("/", "."), parent_dir=epath.Path(self.item),
+                                           is_ocdbt_checkpoint=self.is_ocdbt, use_zarr3=self.use_zarr3)
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.is_ocdbt)
+        return ts.open(spec, open=True, context=self.context).result()
+
+    def _check_params(self) -> None:
+        """Every param present with its config shape, before anything is written."""
+        problems = []
+        for path, shape in param_shapes(self.config).items():
+            try:
+                stored = tuple(self._open(path).shape)
+            except ValueError:
+                problems.append(f"{path} missing")
+                continue
+            if stored != shape:
+                problems.append(f"{path} {list(stored)} (config says {list(shape)})")
+        if problems:
+            raise hf.CheckpointError(f"{self.item}: params do not match the model config: "
+                                     f"{', '.join(problems[:4])}" + (f" (+{len(problems) - 4} more)"
+                                                                      if len(problems) > 4 else ""))
+
+    def get(self, path: str) -> Any:
+        """The param, read chunk by chunk when indexed by layer or converted with `np.asarray` (finely chunked
+        params), or at once (coarsely chunked ones)."""
+        store = self._open(path)
+        chunk = store.chunk_layout.read_chunk.shape
+        if chunk is not None and math.prod(chunk) * store.dtype.numpy_dtype.itemsize <= _LAZY_CHUNK_BYTES:
+            return _ChunkwiseReader(store)
+        return store.read().result()
+
+
+class _ChunkwiseReader:
+    """A stored array read one storage chunk at a time into its output, so tensorstore's transient buffers hold
+    one chunk rather than a copy of the whole array."""
+
+    def __init__(self, store: ts.TensorStore):
+        self.store = store
+
+    def __getitem__(self, index) -> "_ChunkwiseReader":
+        return _ChunkwiseReader(self.store[index])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.store.shape, self.store.dtype.numpy_dtype)
+        chunk = self.store.chunk_layout.read_chunk.shape
+        origin = self.store.domain.origin
+        for starts in itertools.product(*(range(0, n, c) for n, c in zip(out.shape, chunk))):
+            block = tuple(slice(s, s + c) for s, c in zip(starts, chunk))
+            shifted = tuple(slice(o + s, o + s + c) for o, s, c in zip(origin, starts, chunk))
+            out[block] = self.store[shifted].read().result()
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _is_train_step(path: Path) -> bool:
+    return (path / TRAIN_STATE_ITEM).is_dir() and (path / TRAIN_CONFIG_ITEM).is_dir()
+
+
+def _train_config(step_dir: Path) -> Molmo2Config:
+    item = step_dir / TRAIN_CONFIG_ITEM
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+            saved = checkpointer.restore(item.absolute())
+    except (OSError, ValueError) as e:
+        raise hf.CheckpointError(f"{item}: unreadable run config ({e})") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise hf.CheckpointError(f"{item}: run config has no 'model' section")
+    try:
+        return from_dict(Molmo2Config, saved["model"]).validate()
+    except (ValueError, TypeError) as e:
+        raise hf.CheckpointError(f"{item}: {e}") from None
+
+
+def _read_json(path: Path, what: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise hf.CheckpointError(f"{what}: unreadable checkpoint metadata ({e})") from None
+
+
+def _tensor_names(config: Molmo2Config) -> list[str]:
+    names = []
+    for rule in active_rules(RELEASED, config):
+        n = layer_count(rule, config)
+        names += [h.format(i=i) for i in (range(n) if n is not None else [None]) for h in rule.hf]
+    return names
+
+
+class ShardWriter:
+    """Appends tensors to safetensors files of bounded size without holding a shard in memory.
+
+    Each file starts with a header region reserved for the longest possible header (every tensor name of the
+    model, with generous room for shapes and offsets); the real header is written into it at the end, padded
+    with spaces as the format allows.
+    """
+
+    def __init__(self, directory: Path, all_names: list[str], max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.header_bytes = _round8(200 + sum(len(name) + 120 for name in all_names))
+        self.files: list[Path] = []
+        self.entries: list[dict[str, Any]] = []
+        self.handle = None
+        self.offset = self.total = 0
+        self.weight_map: dict[str, int] = {}
+        self._last_report = time.perf_counter()
+        self._start = self._last_report
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        nbytes = array.nbytes
+        if self.handle is not None and self.offset + nbytes > self.max_bytes:
+            self._close()
+        if self.handle is None:
+            self.files.append(self.directory / f".shard-{len(self.files)}.tmp")
+            self.handle = open(self.files[-1], "wb")
+            self.handle.seek(8 + self.header_bytes)
+            self.entries.append({"__metadata__": {"format": "pt"}})
+        self.entries[-1][name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                                  "data_offsets": [self.offset, self.offset + nbytes]}
+        self.handle.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        self.offset += nbytes
+        self.total += nbytes
+        self.weight_map[name] = len(self.files) - 1
+
+    def _close(self) -> None:
+        header = json.dumps(self.entries[-1], separators=(",", ":")).encode()
+        if len(header) > self.header_bytes:
+            raise AssertionError("safetensors header outgrew its reserved space")
+        self.handle.seek(0)
+        self.handle.write(self.header_bytes.to_bytes(8, "little"))
+        self.handle.write(header + b" " * (self.header_bytes - len(header)))
+        self.handle.close()
+        self.handle, self.offset = None, 0
+
+    def finish(self) -> list[str]:
+        """Close the last shard, give the files their final names and write the index."""
+        if self.handle is not None:
+            self._close()
+        names = [f"model-{k + 1:05d}-of-{len(self.files):05d}.safetensors" for k in range(len(self.files))]
+        for file, name in zip(self.files, names):
+            file.rename(self.directory / name)
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {tensor: names[k] for tensor, k in sorted(self.weight_map.items())}}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return names
+
+    def report(self, say: Callable[[str], None], every: float = 2.0) -> None:
+        now = time.perf_counter()
+        if now - self._last_report >= every:
+            self._last_report = now
+            say(f"  {len(self.weight_map)} tensors, {self.total / 1e9:.2f} GB, "
+                f"{self.total / 1e6 / max(now - self._start, 1e-9):.0f} MB/s")
+
+
+def _round8(n: int) -> int:
+    return (n + 7) // 8 * 8

@@ -1,0 +1,61 @@
+"""`molmo2-jax plan`: compile the real-size training step on simulated CPU devices and print per-device memory,
+FLOPs and compile time next to an analytic estimate, before renting the accelerators."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+HELP = ("Compile the training step for a model, mesh and batch from abstract shapes on simulated CPU devices "
+        "(nothing is allocated) and print per-device memory and FLOPs next to an analytic estimate.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="preset name (molmo2-4b, molmo2-8b, molmo2-o-7b, tiny) or "
+                        "a preset YAML path")
+    parser.add_argument("--mesh", required=True, help="mesh axes, e.g. fsdp=64,tensor=1 (data, fsdp, sequence, "
+                        "tensor; unnamed axes are 1)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="simulated device count (default: the mesh size; needed when an axis is -1)")
+    parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per optimizer step)")
+    parser.add_argument("--seq", type=int, required=True, help="tokens per sequence")
+    parser.add_argument("--crops", type=int, default=9, help="ViT crops or video frames per sequence (default 9)")
+    parser.add_argument("--tokens", type=int, default=1162,
+                        help="pooled visual tokens per sequence (default 1162, a 2x4-tiled image)")
+    parser.add_argument("--pool", type=int, default=4, help="patches per pooled token: 4 images, 9 video")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                        help="compute dtype (params and optimizer state stay float32)")
+    parser.add_argument("--remat", default="full", help="remat policy: none, full, dots, dots_no_batch")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="model config overrides, e.g. text.num_layers=2")
+
+
+def run(args: argparse.Namespace) -> int:
+    from molmo2_jax.sharding import MeshError, mesh_shape, parse_mesh
+
+    spec = parse_mesh(args.mesh)
+    devices = args.devices
+    if devices is None:
+        if -1 in spec.values():
+            raise MeshError(f"--mesh {args.mesh!r} has a -1 axis; pass --devices to say how many devices to fill")
+        devices = math.prod(spec.values())
+    mesh_shape(spec, devices)  # a mesh that does not match the device count fails here, before JAX starts
+
+    import jax
+
+    if jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001 - the device count is fixed at start-up
+        if jax.device_count() != devices:
+            raise MeshError(f"JAX already started with {jax.device_count()} devices; run plan in a fresh process")
+    else:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", devices)
+
+    from molmo2_jax.config import load_preset
+    from molmo2_jax.plan import Workload, format_report, plan
+    from molmo2_jax.sharding import make_mesh
+
+    config = load_preset(args.model, [f"dtype={args.dtype}", f"remat_policy={args.remat}", *args.overrides])
+    work = Workload(batch=args.batch, seq=args.seq, crops=args.crops, tokens=args.tokens, pool=args.pool)
+    mesh = make_mesh(spec)
+    print(format_report(args.model, config, mesh, work, plan(config, mesh, work)), flush=True)
+    return 0

@@ -1,0 +1,261 @@
+"""Text generation under jit: one compiled prefill (the prompt with its bidirectional image block) and one
+compiled decode loop (`lax.while_loop`) over a preallocated KV cache.
+
+Prompts are left padded (positions follow `cumsum(attention_mask) - 1`, as in the reference) and padded to
+shape buckets: the prompt length to a multiple of `PROMPT_BUCKET`, the cache to a multiple of `CACHE_BUCKET`,
+crops / frames to the next 2^k or 3 * 2^k (at most a third of the ViT work is padding) and pooled-token rows
+to a multiple of `POOL_BUCKET`. A program is compiled once per bucket and reused for every prompt and
+`max_new_tokens` that fits it. Sampling options (temperature, top-k, top-p, seed) are runtime values; only
+greedy vs sampling changes the program.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from molmo2_jax.api import INPUT_KEYS, InputError, Molmo2Model
+from molmo2_jax.model.molmo2 import init_cache
+from molmo2_jax.sharding import activate, cache_shardings
+
+PROMPT_BUCKET = 64
+CACHE_BUCKET = 128
+POOL_BUCKET = 64
+VISUAL_KEYS = (("pixel_values", 0.0), ("image_token_pooling", -1), ("pixel_values_videos", 0.0),
+               ("video_token_pooling", -1))
+
+
+@dataclass
+class GenerationResult:
+    """New tokens per prompt (without padding and EOS), their text when a tokenizer was given, and timings.
+
+    `compile_seconds` is 0 when the bucket's programs were already compiled; `prefill_seconds` and
+    `decode_seconds` exclude compilation.
+    """
+
+    token_ids: list[np.ndarray]
+    texts: list[str] | None
+    prompt_tokens: list[int]
+    compile_seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput over the batch (new tokens after the first, which prefill produces)."""
+        decoded = max(self.num_new_tokens - len(self.token_ids), 0)
+        return decoded / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _crop_bucket(n: int) -> int:
+    """The smallest 2^k or 3 * 2^k that is >= n."""
+    power = 1
+    while power < n:
+        if power * 3 // 2 >= n:
+            return power * 3 // 2
+        power *= 2
+    return power
+
+
+def _pad_rows(array: np.ndarray, rows: int, fill) -> np.ndarray:
+    pad = [(0, rows - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
+    return np.pad(array, pad, constant_values=fill)
+
+
+def left_pad(inputs: Mapping[str, Any], multimodal_ids: Sequence[int], max_positions: int):
+    """Token arrays moved to the right end of a bucketed width, visual arrays padded to bucket sizes.
+
+    Returns (padded copy of `inputs`, real prompt lengths). `mm_token_type_ids` is derived from the token ids
+    when absent. Keys other than the model inputs pass through unchanged (the model's `prepare` checks them).
+    """
+    if inputs.get("position_ids") is not None or inputs.get("segment_ids") is not None:
+        raise InputError("generation computes positions itself; do not pass position_ids / segment_ids "
+                         "(packed sequences cannot be generated from)")
+    if inputs.get("input_ids") is None:
+        raise InputError("model inputs need 'input_ids'")
+    ids = np.asarray(inputs["input_ids"])
+    ids = ids[None] if ids.ndim == 1 else ids
+    mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids))).reshape(ids.shape).astype(bool)
+    types = inputs.get("mm_token_type_ids")
+    types = np.isin(ids, multimodal_ids) if types is None else np.asarray(types).reshape(ids.shape)
+    lengths = mask.sum(axis=1)
+    if lengths.min() == 0:
+        raise InputError(f"prompt {int(np.argmin(lengths))} of the batch is empty (attention_mask all 0)")
+    longest = int(lengths.max())
+    if longest > max_positions:
+        raise InputError(f"prompt of {longest} tokens exceeds the model's maximum length {max_positions}")
+    width = min(_round_up(longest, PROMPT_BUCKET), max_positions)
+    out = dict(inputs)
+    out["input_ids"] = np.zeros((ids.shape[0], width), np.int32)
+    out["attention_mask"] = np.zeros((ids.shape[0], width), np.int32)
+    out["mm_token_type_ids"] = np.zeros((ids.shape[0], width), np.int32)
+    for row, n in enumerate(lengths):
+        out["input_ids"][row, width - n:] = ids[row][mask[row]]
+        out["attention_mask"][row, width - n:] = 1
+        out["mm_token_type_ids"][row, width - n:] = types[row][mask[row]]
+    for key, fill in VISUAL_KEYS:
+        if inputs.get(key) is not None and np.shape(inputs[key])[0]:
+            array = np.asarray(inputs[key])
+            rows = array.shape[0]
+            rows = _round_up(rows, POOL_BUCKET) if key.endswith("pooling") else _crop_bucket(rows)
+            out[key] = _pad_rows(array, rows, fill)
+    return out, lengths.tolist()
+
+
+def _select(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, top_p) -> jax.Array:
+    """Next token `[B]` from last-position logits `[B, V]`: argmax, or a draw after temperature, top-k and
+    top-p filtering (in that order, as the reference's logits processors)."""
+    if not sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    order = jnp.argsort(-logits, axis=-1)
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(logits.shape[-1])
+    keep = (top_k <= 0) | (rank < top_k)
+    ranked = jnp.where(keep, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = keep & ((mass_before < top_p) | (rank == 0))  # the most likely token always stays
+    choice = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+class _Programs:
+    """The prefill and decode functions of one model and their executables, compiled once per bucket."""
+
+    def __init__(self, model: Molmo2Model):
+        self.model = weakref.proxy(model)
+        self.compiled: dict[tuple, Any] = {}
+
+    def prefill(self, params, inputs, options, *, cache_len: int, sample: bool):
+        """Run the prompt through the model into a fresh cache; the first new token `[B]` and the cache."""
+        batch = inputs["input_ids"].shape[0]
+        config, mesh = self.model.config, self.model.mesh
+        cache = init_cache(config, batch, cache_len, jnp.dtype(config.dtype))
+        if mesh is not None:  # born sharded over the batch / kv heads, as the decode loop keeps it
+            cache = jax.lax.with_sharding_constraint(cache, cache_shardings(config, mesh, batch, cache_len))
+        hidden, cache = self.model.module.apply({"params": params}, **inputs, cache=cache, return_hidden=True)
+        # logits of the last position only: the full [B, T, vocab] projection would be most of a short prefill
+        logits = jnp.einsum("bd,dv->bv", hidden[:, -1], params["lm_head"].astype(hidden.dtype),
+                            preferred_element_type=jnp.float32)
+        key = jax.random.fold_in(options["key"], 0)
+        first = _select(logits, key, sample, options["temperature"], options["top_k"], options["top_p"])
+        return first, cache
+
+    def decode(self, params, cache, first, options, *, width: int, sample: bool):
+        """Feed each new token back until every row emitted EOS or the budget is spent; tokens `[B, width]`
+        (pad after a row's EOS) and the number of steps taken."""
+        batch = first.shape[0]
+        out = jnp.full((batch, width), options["pad"], jnp.int32).at[:, 0].set(first)
+        ones = jnp.ones((batch, 1), jnp.int32)
+
+        def cond(state):
+            _, _, step, done, _ = state
+            return (step < options["budget"]) & ~jnp.all(done)
+
+        def body(state):
+            cache, out, step, done, token = state
+            logits, cache = self.model.module.apply({"params": params}, token[:, None], attention_mask=ones,
+                                                    mm_token_type_ids=jnp.zeros_like(ones), cache=cache)
+            key = jax.random.fold_in(options["key"], step)
+            token = _select(logits[:, -1], key, sample, options["temperature"], options["top_k"], options["top_p"])
+            token = jnp.where(done, options["pad"], token)
+            out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+            return cache, out, step + 1, done | jnp.isin(token, options["eos"]), token
+
+        state = (cache, out, jnp.int32(1), jnp.isin(first, options["eos"]), first)
+        _, out, steps, _, _ = jax.lax.while_loop(cond, body, state)
+        return out, steps
+
+    def get(self, name: str, *args, **static) -> tuple[Any, float]:
+        """The executable of `name` for these argument shapes and static values, and the seconds spent
+        compiling it (0 when it was compiled before)."""
+        avals = jax.tree.map(lambda x: (np.shape(x), str(x.dtype)), args)
+        key = (name, tuple(sorted(static.items())), str(jax.tree.structure(args)), str(jax.tree.leaves(avals)))
+        if key in self.compiled:
+            return self.compiled[key], 0.0
+        start = time.perf_counter()
+        fn = jax.jit(functools.partial(getattr(self, name), **static))
+        self.compiled[key] = fn.lower(*args).compile()
+        return self.compiled[key], time.perf_counter() - start
+
+
+_PROGRAMS: "weakref.WeakKeyDictionary[Molmo2Model, _Programs]" = weakref.WeakKeyDictionary()
+
+
+def _programs(model: Molmo2Model) -> _Programs:
+    if model not in _PROGRAMS:
+        _PROGRAMS[model] = _Programs(model)
+    return _PROGRAMS[model]
+
+
+def generate(model: Molmo2Model, inputs: Mapping[str, Any], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] | None = None,
+             tokenizer=None, max_length: int | None = None) -> GenerationResult:
+    """Generate up to `max_new_tokens` tokens for each prompt of a processor output dict (one or several).
+
+    Greedy when `temperature` is 0, else sampling with `temperature`, `top_k` (0: off) and `top_p` (1: off)
+    from `seed`. A row stops at any of `eos_ids` (default: the checkpoint's EOS ids); the loop ends when every
+    row has stopped or the budget is spent. `max_length` caps prompt + new tokens (default: the model's
+    maximum length). With a `tokenizer` (anything with `decode(ids, skip_special_tokens=...)`) the texts are
+    decoded too.
+    """
+    config = model.config
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise InputError(f"invalid sampling options temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
+                         f"top_p={top_p} (in (0, 1])")
+    max_positions = config.text.max_position_embeddings
+    max_length = max_positions if max_length is None else min(max_length, max_positions)
+    padded, lengths = left_pad(inputs, config.tokens.multimodal, max_positions)
+    budget = min(max_new_tokens, max_length - max(lengths))
+    if budget < 1:
+        raise InputError(f"prompt of {max(lengths)} tokens leaves no room for new tokens within max_length "
+                         f"{max_length}")
+    prepared = {k: v for k, v in model.prepare(padded).items() if k in INPUT_KEYS}
+    prompt_width = prepared["input_ids"].shape[1]
+    cache_len = _round_up(prompt_width + budget, CACHE_BUCKET)
+    eos = np.asarray(config.tokens.eos if eos_ids is None else list(eos_ids), np.int32).reshape(-1)
+    sample = temperature > 0
+    options = {"key": jax.random.key(seed), "temperature": jnp.float32(max(temperature, 1e-6)),
+               "top_k": jnp.int32(top_k), "top_p": jnp.float32(top_p), "eos": jnp.asarray(eos),
+               "pad": jnp.int32(config.tokens.pad), "budget": jnp.int32(budget)}
+    programs = _programs(model)
+    with activate(model.mesh):
+        prefill, compile_prefill = programs.get("prefill", model.params, prepared, options, cache_len=cache_len,
+                                                sample=sample)
+        start = time.perf_counter()
+        first, cache = prefill(model.params, prepared, options)
+        first.block_until_ready()
+        prefill_seconds = time.perf_counter() - start
+        decode, compile_decode = programs.get("decode", model.params, cache, first, options,
+                                              width=cache_len - prompt_width + 1, sample=sample)
+        start = time.perf_counter()
+        out, steps = decode(model.params, cache, first, options)
+        out = np.asarray(out)
+        decode_seconds = time.perf_counter() - start
+    token_ids = []
+    for row in out[:, :int(steps)]:
+        stops = np.flatnonzero(np.isin(row, eos))
+        token_ids.append(row[: stops[0]] if len(stops) else row)
+    texts = None if tokenizer is None else [tokenizer.decode(t.tolist(), skip_special_tokens=True)
+                                            for t in token_ids]
+    return GenerationResult(token_ids, texts, lengths, compile_prefill + compile_decode, prefill_seconds,
+                            decode_seconds)

@@ -1,0 +1,274 @@
+"""Compile-time plans: lower and compile the real-size training step from abstract shapes (nothing allocated) on
+a mesh of simulated CPU devices, read XLA's per-device memory and FLOP figures, and set them next to an
+analytic estimate (params, gradients, optimizer state, activations kept under the remat policy, the largest
+gathered layer). See docs/plan.md for how to read the two and why they can differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from molmo2_jax.config import Molmo2Config
+from molmo2_jax.params import flatten, param_shapes
+from molmo2_jax.sharding import MeshError, check_config, describe_mesh
+from molmo2_jax.training.config import TrainConfig
+from molmo2_jax.training.step import make_train_step
+
+GiB = 1024**3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Abstract inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One optimizer step's global batch: `batch` sequences of `seq` tokens, each with `crops` ViT crops (or
+    video frames) of which `tokens` pooled visual tokens enter the sequence (`pool` patches per token)."""
+
+    batch: int
+    seq: int
+    crops: int = 9  # 1 global view + 8 tiles: the released image default
+    tokens: int = 1162  # pooled tokens of a 2x4-tiled image (spec 4.2); must be <= seq
+    pool: int = 4  # 2x2 windows for images, 9 for 3x3 video windows
+
+
+def abstract_batch(config: Molmo2Config, work: Workload) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of a padded training batch (the data/training contract)."""
+    v = config.vision
+    b, t = work.batch, work.seq
+    i32 = jnp.int32
+    return {
+        "input_ids": jax.ShapeDtypeStruct((b, t), i32),
+        "mm_token_type_ids": jax.ShapeDtypeStruct((b, t), i32),
+        "position_ids": jax.ShapeDtypeStruct((b, t), i32),
+        "segment_ids": jax.ShapeDtypeStruct((b, t), i32),
+        "pixel_values": jax.ShapeDtypeStruct((b * work.crops, v.num_patches, v.patch_dim), jnp.dtype(config.dtype)),
+        "image_token_pooling": jax.ShapeDtypeStruct((b * work.tokens, work.pool), i32),
+        "target_ids": jax.ShapeDtypeStruct((b, t), i32),
+        "loss_weights": jax.ShapeDtypeStruct((b, t), jnp.float32),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiling the step
+
+
+@dataclasses.dataclass
+class Compiled:
+    """XLA's view of one device: bytes of arguments, outputs (aliased with donated arguments), temporaries."""
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    flops: float  # per device
+    lower_seconds: float
+    compile_seconds: float
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def compile_step(config: Molmo2Config, mesh: Mesh, work: Workload,
+                 train: TrainConfig | None = None) -> tuple[Compiled, dict[str, Any]]:
+    """Lower and compile the real training step (`molmo2_jax.training.step`) on `mesh` from abstract shapes.
+    Returns XLA's figures and the abstract (sharded) params, optimizer state and batch it was compiled for."""
+    check_config(config, mesh)
+    _check_workload(config, mesh, work)
+    ts = make_train_step(config, train or TrainConfig(), mesh)
+    micro = abstract_batch(config, work)
+    # one micro-batch per step: a leading accumulation axis of 1
+    spec = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype) for k, v in micro.items()}
+    shardings = ts.batch_shardings(spec)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in spec.items()}
+    state = ts.abstract_state()
+    with ts.context():
+        start = time.perf_counter()
+        lowered = ts.jit_step(spec).lower(state, spec)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        done = time.perf_counter()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    figures = Compiled(
+        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+        flops=float(cost.get("flops", 0.0)), lower_seconds=lowered_at - start, compile_seconds=done - lowered_at)
+    return figures, {"params": state["params"], "opt_state": state["opt_state"], "batch": spec}
+
+
+def _check_workload(config: Molmo2Config, mesh: Mesh, work: Workload) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if work.batch % shards:
+        raise MeshError(f"--batch {work.batch} is not divisible by data x fsdp = {shards}")
+    if work.seq % mesh.shape["sequence"]:
+        raise MeshError(f"--seq {work.seq} is not divisible by the sequence axis ({mesh.shape['sequence']})")
+    if work.tokens > work.seq:
+        raise MeshError(f"--tokens {work.tokens} visual tokens do not fit in --seq {work.seq}")
+    if work.seq > config.text.max_position_embeddings:
+        raise MeshError(f"--seq {work.seq} exceeds the model's max_position_embeddings "
+                        f"{config.text.max_position_embeddings}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The analytic estimate
+
+
+def _nbytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Estimate:
+    """Per-device bytes by category, from shapes, shardings and the remat policy."""
+
+    params: int
+    grads: int
+    opt_state: int
+    batch: int
+    saved_activations: int  # kept across the layer loop for the backward pass
+    layer_working_set: int  # one layer's recomputed activations and their gradients
+    logits: int  # logits, their softmax and gradient (fp32)
+    largest_gathered_layer: int  # one scanned layer's params gathered over fsdp (plus its gradient)
+
+    @property
+    def total(self) -> int:
+        return sum(dataclasses.asdict(self).values())
+
+
+def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping[str, Any]) -> Estimate:
+    """What a careful FSDP/TP implementation needs per device; assumes XLA frees each layer's gathered weights
+    and working set after use (the figures XLA reports should come close when it does)."""
+    t, v = config.text, config.vision
+    act = jnp.dtype(config.dtype).itemsize
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    tensor, seq_shards = mesh.shape["tensor"], mesh.shape["sequence"]
+    b = work.batch // batch_shards
+    seq = work.seq // seq_shards
+    crops = work.batch * work.crops // batch_shards  # batch_shardings splits crops like the examples
+    h_l, kv_l, f_l = t.num_heads // tensor, t.num_kv_heads // tensor, t.intermediate_size // tensor
+    d, hd, L = t.hidden_size, t.head_dim, t.num_layers
+
+    # Decoder layer intermediates for the local batch: (elements, kind). "dot" = a matmul output without
+    # batch dims in the contraction (Dense), "bdot" = attention einsums (batch dims), "other" = elementwise.
+    tokens = b * seq
+    full_t = b * work.seq  # keys/values span the whole sequence
+    layer = [
+        (tokens * d, "other"), (tokens * d, "other"),  # norms
+        (tokens * h_l * hd, "dot"), (full_t * kv_l * hd * 2, "dot"),  # q, k, v
+        (tokens * h_l * work.seq * 2, "bdot32"),  # logits + softmax weights, fp32
+        (tokens * work.seq, "mask"),  # boolean mask [B, 1, T, S]
+        (tokens * h_l * hd, "bdot"), (tokens * d, "dot"),  # attention output, o projection
+        (tokens * f_l * 2, "dot"), (tokens * f_l, "other"), (tokens * d, "dot"),  # gate, up, silu*up, down
+    ]
+    elem_bytes = {"other": act, "dot": act, "bdot": act, "bdot32": 4, "mask": 1}
+    layer_bytes = lambda kinds: sum(n * elem_bytes[k] for n, k in layer if k in kinds)
+    carry = tokens * d * act
+    policy = config.remat_policy
+    kept_kinds = {"none": set(elem_bytes), "full": set(), "dots": {"dot", "bdot", "bdot32"},
+                  "dots_no_batch": {"dot"}}[policy]
+    saved = L * (carry + layer_bytes(kept_kinds))
+    working = 2 * layer_bytes(set(elem_bytes))  # forward recompute + its gradients
+    # ViT: crops on the batch axes; same structure, 729 tokens per crop, no mask.
+    vt = crops * v.num_patches
+    vh = v.num_heads // tensor
+    vit_layer = vt * (v.hidden_size * 6 + vh * v.head_dim * 4 + v.intermediate_size // tensor * 2) * act \
+        + crops * vh * v.num_patches**2 * 4 * 2
+    vit_carry = vt * v.hidden_size * act * (1 + len(config.adapter.vit_layers))
+    saved += v.num_layers * (vit_carry + (vit_layer if policy == "none" else 0))
+    working = max(working, 2 * vit_layer)
+    logits = 3 * tokens * (t.vocab_size // tensor) * 4
+
+    params = _nbytes(abstract["params"])
+    # FSDP gathers a param's fsdp shards before use: one decoder layer's slice of the stacked params, or the
+    # whole embedding / lm_head, whichever is larger (with its gradient, reduce-scattered afterwards).
+    fsdp = mesh.shape["fsdp"]
+    gathered_bytes = lambda leaf: _nbytes([leaf]) * (fsdp if "fsdp" in jax.tree_util.tree_leaves(
+        tuple(leaf.sharding.spec)) else 1)
+    flat = flatten(abstract["params"])
+    layer = sum(gathered_bytes(x) // t.num_layers for p, x in flat.items() if p.startswith("decoder/layers/"))
+    gathered = max(layer, gathered_bytes(flat["embedding"]), gathered_bytes(flat["lm_head"]))
+    return Estimate(params=params, grads=params, opt_state=_nbytes(abstract["opt_state"]),
+                    batch=_nbytes(abstract["batch"]), saved_activations=saved, layer_working_set=working,
+                    logits=logits, largest_gathered_layer=2 * gathered if fsdp > 1 else 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+
+
+def model_flops(config: Molmo2Config, work: Workload) -> float:
+    """Forward + backward FLOPs of one step (2 per multiply-add, backward = 2x forward), without the forward
+    recomputed under remat: weight matmuls of the LLM, the connector and the ViT, plus both attentions."""
+    t, v = config.text, config.vision
+    shapes = param_shapes(config)
+    weights = lambda prefix: sum(math.prod(s) for p, s in shapes.items() if p.startswith(prefix) and p.endswith(
+        "kernel"))
+    tokens, crops = work.batch * work.seq, work.batch * work.crops
+    llm = 2 * (weights("decoder") + t.hidden_size * t.vocab_size) * tokens \
+        + 4 * t.num_layers * work.batch * work.seq**2 * t.num_heads * t.head_dim
+    vit = 2 * weights("vision") * crops * v.num_patches \
+        + 4 * v.num_layers * crops * v.num_patches**2 * v.num_heads * v.head_dim
+    connector = 2 * weights("connector") * work.batch * work.tokens * (1 + work.pool)
+    return 3.0 * (llm + vit + connector)
+
+
+def plan(config: Molmo2Config, mesh: Mesh, work: Workload) -> dict[str, Any]:
+    """Compile the step and estimate; everything per device unless named `total`."""
+    figures, abstract = compile_step(config, mesh, work)
+    return {"compiled": figures, "estimate": estimate(config, mesh, work, abstract),
+            "num_params": sum(math.prod(s) for s in param_shapes(config).values()),
+            "model_flops": model_flops(config, work), "devices": mesh.size}
+
+
+def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, result: Mapping[str, Any]) -> str:
+    """XLA's figures next to the analytic estimate, in GiB per device."""
+    c: Compiled = result["compiled"]
+    e: Estimate = result["estimate"]
+    g = lambda n: f"{n / GiB:8.2f}"
+    temps = e.grads + e.saved_activations + e.layer_working_set + e.logits + e.largest_gathered_layer
+    lines = [
+        f"plan: {name} ({result['num_params']:,} params; compute {config.dtype}, params float32, remat "
+        f"{config.remat_policy}); mesh {describe_mesh(mesh)}",
+        f"  batch {work.batch} x seq {work.seq}; per sequence {work.crops} crops, {work.tokens} visual tokens "
+        f"({work.pool} patches each)",
+        f"  lower {c.lower_seconds:.1f} s, compile {c.compile_seconds:.1f} s",
+        "",
+        "per device, GiB        XLA  analytic",
+        f"  arguments       {g(c.argument_bytes)}  {g(e.params + e.opt_state + e.batch)}  params {g(e.params).strip()}"
+        f" + optimizer state {g(e.opt_state).strip()} + batch {g(e.batch).strip()}",
+        f"  outputs         {g(c.output_bytes)}  {g(e.params + e.opt_state)}  new state ({g(c.alias_bytes).strip()} "
+        f"aliased to donated arguments)",
+        f"  temporaries     {g(c.temp_bytes)}  {g(temps)}  grads {g(e.grads).strip()} + saved activations "
+        f"{g(e.saved_activations).strip()} + one layer's working set {g(e.layer_working_set).strip()} + logits "
+        f"{g(e.logits).strip()} + gathered layer {g(e.largest_gathered_layer).strip()}",
+        f"  peak            {g(c.peak_bytes)}  {g(e.total)}",
+        "",
+        f"FLOPs per step: analytic {result['model_flops']:.3e} total, {result['model_flops'] / mesh.size:.3e} per "
+        f"device; XLA {c.flops:.3e} per device (counts each scanned layer loop body once)",
+    ]
+    ratio = c.peak_bytes / max(e.total, 1)
+    if not 0.67 <= ratio <= 1.5:
+        lines.append(f"warning: XLA's peak is {ratio:.2f}x the analytic estimate; read docs/plan.md before trusting "
+                     "either")
+    return "\n".join(lines)
+
+
+__all__ = ["Compiled", "Estimate", "Workload", "abstract_batch", "compile_step", "estimate", "format_report",
+           "model_flops", "plan"]

@@ -1,0 +1,186 @@
+"""The training configuration: one YAML file (configs/train/NAME.yaml) plus dotted command-line overrides.
+
+A YAML file holds only what differs from the defaults below; it is deep-merged onto them before parsing, so
+`optimizer.llm.lr=1e-5` changes one value and keeps the rest of its group. Unknown keys are an error that
+lists the valid ones. The `model` section is `preset` (configs/NAME.yaml), optionally `vocab_from` (a
+tokenizer directory whose vocabulary and special-token ids the model takes, for a model trained from scratch),
+and any `Molmo2Config` fields to change (`dtype`, `remat_policy`, `text.num_layers`, ...). `data` /
+`eval_data` are `molmo2_jax.data.PipelineConfig` fields (sources, buckets, batch_size, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from molmo2_jax.config import ConfigError, Molmo2Config, apply_overrides, from_dict, load_preset, to_dict
+
+TRAIN_CONFIGS_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "train"
+
+
+class TrainConfigError(ConfigError):
+    """A training configuration value, key or file is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig:
+    """One learning-rate group: the params whose path ("decoder/layers/q/kernel") fully matches `pattern`."""
+
+    pattern: str
+    lr: float
+    warmup_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with per-module peak learning rates, linear warmup then cosine decay to `final_lr_ratio * lr`.
+
+    Defaults are the released pretraining stage (connector 2e-4 / ViT 6e-6 / LLM 2e-5, warmup 200/2000/2000).
+    """
+
+    connector: GroupConfig = GroupConfig("connector/.*", 2e-4, 200)
+    vit: GroupConfig = GroupConfig("vision/.*", 6e-6, 2000)
+    llm: GroupConfig = GroupConfig("decoder/.*|embedding|lm_head", 2e-5, 2000)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    final_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    z_loss_scale: float = 1e-4
+    freeze: str | None = None  # params whose path fully matches this regex are not trained
+
+    @property
+    def groups(self) -> dict[str, GroupConfig]:
+        return {"connector": self.connector, "vit": self.vit, "llm": self.llm}
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where the weights start: `random`, a Molmo2 checkpoint (`molmo2`: a released / HF dir, a converted dir,
+    or a step directory of a training run such as `runs/NAME/checkpoints/31000`, for SFT), or an LLM + a vision
+    encoder (`llm_vit`: Qwen3/Olmo3 HF dir + SigLIP/SigLIP2 HF dir, for pretraining)."""
+
+    kind: str = "random"
+    checkpoint: str | None = None
+    llm: str | None = None
+    vit: str | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 1000  # steps between saves (0: only at the end)
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True
+    peak_tflops_per_device: float | None = None  # for MFU; None: guessed from the device kind
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # steps between evaluations (0: never)
+    batches: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    model: dict = dataclasses.field(default_factory=lambda: {"preset": None})
+    init: InitConfig = InitConfig()
+    data: dict = dataclasses.field(default_factory=dict)
+    eval_data: dict | None = None
+    optimizer: OptimizerConfig = OptimizerConfig()
+    steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step
+    mesh: dict = dataclasses.field(default_factory=lambda: {"fsdp": -1})
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def validate(self) -> "TrainConfig":
+        if self.steps < 1:
+            raise TrainConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise TrainConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.init.kind not in ("random", "molmo2", "llm_vit"):
+            raise TrainConfigError(f"init.kind {self.init.kind!r} is not one of ['llm_vit', 'molmo2', 'random']")
+        if self.init.kind == "molmo2" and not self.init.checkpoint:
+            raise TrainConfigError("init.kind 'molmo2' needs init.checkpoint (a Molmo2 checkpoint directory)")
+        if self.init.kind == "llm_vit" and not (self.init.llm and self.init.vit):
+            raise TrainConfigError("init.kind 'llm_vit' needs init.llm and init.vit (Hugging Face directories)")
+        if self.init.kind != "molmo2" and not self.model.get("preset"):
+            raise TrainConfigError("model.preset is required (a configs/NAME.yaml model preset) unless "
+                                   "init.kind is 'molmo2'")
+        for name, group in self.optimizer.groups.items():
+            if group.lr < 0 or group.warmup_steps < 0:
+                raise TrainConfigError(f"optimizer.{name}: lr and warmup_steps must be >= 0")
+        return self
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` onto `base` (dicts merge, anything else replaces)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_train_config(data: dict[str, Any]) -> TrainConfig:
+    """A (partial) plain dict -> a validated TrainConfig."""
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"a training config must be a mapping, got {type(data).__name__}")
+    merged = _merge(to_dict(TrainConfig()), data)
+    try:
+        return from_dict(TrainConfig, merged).validate()
+    except TrainConfigError:
+        raise
+    except ConfigError as e:
+        raise TrainConfigError(str(e)) from None
+    except (TypeError, AttributeError) as e:  # a section given as a scalar, e.g. `optimizer: 3`
+        raise TrainConfigError(f"malformed training config: {e}") from None
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """configs/train/NAME.yaml (a path, or a NAME under configs/train) with `a.b=value` overrides."""
+    given = str(path)
+    path = Path(path)
+    if not path.suffix:
+        path = TRAIN_CONFIGS_DIR / f"{path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TRAIN_CONFIGS_DIR.glob("*.yaml"))
+        raise TrainConfigError(f"training config {given!r} not found; known configs in {TRAIN_CONFIGS_DIR}: "
+                               f"{known}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_train_config(apply_overrides(data, list(overrides)))
+
+
+MODEL_SECTION_KEYS = ("preset", "vocab_from")  # the model section's own keys; the rest are Molmo2Config fields
+
+
+def model_config(train: TrainConfig, base: Molmo2Config | None = None,
+                 token_settings: dict[str, Any] | None = None) -> Molmo2Config:
+    """The model config: `base` (e.g. read from an init checkpoint) or the preset, then `token_settings`
+    (vocabulary sizes and token ids of `vocab_from`), then the `model` section's fields."""
+    changes = {k: v for k, v in train.model.items() if k not in MODEL_SECTION_KEYS}
+    if base is None:
+        base = load_preset(train.model["preset"])
+    merged = _merge(_merge(to_dict(base), token_settings or {}), changes)
+    try:
+        return from_dict(Molmo2Config, merged, "model.").validate()
+    except ConfigError as e:
+        raise TrainConfigError(str(e)) from None

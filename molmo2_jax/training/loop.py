@@ -1,0 +1,173 @@
+"""The training loop: draw `grad_accum` micro-batches, run the step, log, evaluate, checkpoint, stop on NaN.
+
+Takes any iterator of host batches (the training batch contract, numpy) and optionally the Grain iterator
+behind it for checkpointing (anything Grain's checkpoint handler accepts: a `DatasetIterator` or a
+`DataLoaderIterator`). Batches are drawn synchronously right before each step, so the iterator state saved
+with step k is exactly the position after the batches of step k; resuming replays the same batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from molmo2_jax.training.checkpointing import Checkpointer
+from molmo2_jax.training.metrics import EventWriter, peak_tflops, progress_line, train_flops
+from molmo2_jax.training.step import MODEL_KEYS, TARGET_KEYS, TrainStep
+
+STEP_KEYS = MODEL_KEYS + TARGET_KEYS
+
+
+class NanLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped."""
+
+
+class DataExhaustedError(RuntimeError):
+    """The training data ran out before the last step."""
+
+
+def stack_micro_batches(micro_batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """k host batches -> one batch with a leading micro-batch axis of size k, keeping the step's keys.
+
+    Micro-batches padded to different buckets are padded to a common shape first (pooling slots with -1,
+    everything else with 0: no tokens, no loss, empty crops)."""
+    out = {}
+    for key in micro_batches[0]:
+        if key not in STEP_KEYS:
+            continue  # e.g. the packer's crop_mask / frame_mask
+        arrays = [np.asarray(mb[key]) for mb in micro_batches]
+        shape = np.max([a.shape for a in arrays], axis=0)
+        fill = -1 if key.endswith("_token_pooling") else 0
+        out[key] = np.stack([np.pad(a, [(0, s - n) for s, n in zip(shape, a.shape)], constant_values=fill)
+                             for a in arrays])
+    return out
+
+
+def _batch_counts(batch: dict[str, np.ndarray]) -> tuple[int, int, int, int]:
+    """(real tokens, crops + frames, pooled visual tokens, sequence length) of a stacked host batch."""
+    seg = batch.get("segment_ids")
+    tokens = int(np.count_nonzero(seg)) if seg is not None else int(np.prod(batch["input_ids"].shape))
+    crops = visual = 0
+    for pixels, pooling in (("pixel_values", "image_token_pooling"), ("pixel_values_videos", "video_token_pooling")):
+        if pooling in batch:
+            idx = batch[pooling]
+            visual += int(np.any(idx >= 0, axis=-1).sum())
+            # crops in use = those some pooling slot points into (cheaper than scanning the pixels)
+            per_crop = batch[pixels].shape[-2]
+            crops += sum(len(np.unique(mb[mb >= 0] // per_crop)) for mb in idx)
+    return tokens, crops, visual, int(batch["input_ids"].shape[-1])
+
+
+def _window() -> dict[str, float]:
+    """Accumulators of one logging interval."""
+    return {"start": time.perf_counter(), "wait": 0.0, "tokens": 0, "flops": 0.0}
+
+
+def initial_state(train_step: TrainStep, checkpointer: Checkpointer | None, fresh: Callable[[], dict[str, Any]],
+                  data_iterator: Any = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Resume from the latest checkpoint when there is one (params, optimizer, step and data position);
+    otherwise `fresh()` (the starting point)."""
+    latest = checkpointer.latest_step() if checkpointer else None
+    if latest is None:
+        return fresh()
+    log(f"resuming from {checkpointer.directory / str(latest)}")
+    return checkpointer.restore(latest, train_step.abstract_state(), train_step.model_config, data_iterator)
+
+
+class Trainer:
+    """Runs a TrainStep from the state's step to `train_config.steps`."""
+
+    def __init__(self, train_step: TrainStep, checkpointer: Checkpointer | None = None,
+                 events: EventWriter | None = None, log: Callable[[str], None] = print):
+        self.ts = train_step
+        self.config = train_step.train_config
+        self.checkpointer = checkpointer
+        self.events = events
+        self.log = log
+        peak = self.config.log.peak_tflops_per_device or peak_tflops(jax.devices()[0])
+        self.peak_flops = peak * 1e12 * train_step.mesh.size if peak else None
+        self.history: list[tuple[int, dict[str, float]]] = []  # (step, metrics) at every log interval
+
+    def _check(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        values = {k: float(v) for k, v in metrics.items()}
+        if not np.isfinite(values["loss"]):
+            last = self.checkpointer.latest_step() if self.checkpointer else None
+            where = f"{self.checkpointer.directory / str(last)}" if last is not None else "none saved"
+            raise NanLossError(f"loss is {values['loss']} at step {step}; stopping. Last checkpoint: {where}")
+        return values
+
+    def run(self, state: dict[str, Any], batches: Iterator[dict[str, np.ndarray]], data_iterator: Any = None,
+            eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None) -> dict[str, Any]:
+        """Train until `steps`; returns the final state. Checkpoints every `checkpoint.every` steps and at the
+        end; raises NanLossError (naming the step and the last checkpoint) on a non-finite loss."""
+        c = self.config
+        step = int(jax.device_get(state["step"]))
+        pending: tuple[int, dict[str, Any]] | None = None  # the previous step's metrics, checked one step late
+        window = _window()
+        while step < c.steps:
+            t0 = time.perf_counter()
+            try:
+                batch = stack_micro_batches([next(batches) for _ in range(c.grad_accum)])
+            except StopIteration:
+                raise DataExhaustedError(f"training data ran out at step {step} of {c.steps}") from None
+            window["wait"] += time.perf_counter() - t0
+            tokens, crops, visual, seq_len = _batch_counts(batch)
+            window["tokens"] += tokens
+            window["flops"] += train_flops(self.ts.model_config, tokens, crops, visual, seq_len)
+            state, metrics = self.ts.step(state, batch)
+            step += 1
+            if pending is not None:
+                self._check(*pending)
+            pending = (step, metrics)
+
+            if step % c.log.every == 0 or step == c.steps:
+                values = self._check(step, metrics)
+                self.history.append((step, values))
+                elapsed = time.perf_counter() - window["start"]
+                mfu = window["flops"] / elapsed / self.peak_flops if self.peak_flops else None
+                self.log(progress_line(step, c.steps, values, window["tokens"] / elapsed, mfu,
+                                       window["wait"] / elapsed))
+                if self.events:
+                    extra = {"perf/tokens_per_s": window["tokens"] / elapsed,
+                             "perf/data_wait_fraction": window["wait"] / elapsed}
+                    if mfu is not None:
+                        extra["perf/mfu"] = mfu
+                    self.events.scalars(step, {f"train/{k}": v for k, v in values.items()} | extra)
+                window = _window()
+            if eval_batches is not None and c.eval.every and step % c.eval.every == 0:
+                self.evaluate(step, state["params"], eval_batches())
+            if self.checkpointer and ((c.checkpoint.every and step % c.checkpoint.every == 0) or step == c.steps):
+                self._check(step, metrics)  # never save a NaN state
+                self.checkpointer.save(step, state, self.ts.model_config, c, data_iterator)
+        if pending is not None:
+            self._check(*pending)
+        if self.checkpointer:
+            self.checkpointer.wait()
+        return state
+
+    def evaluate(self, step: int, params: dict[str, Any], batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Loss and accuracy over `eval.batches` held-out batches (each drawn as grad_accum micro-batches)."""
+        c = self.config
+        totals: dict[str, float] = {}
+        it = iter(batches)
+        for _ in range(c.eval.batches):
+            try:
+                batch = stack_micro_batches([next(it) for _ in range(c.grad_accum)])
+            except StopIteration:
+                break
+            for k, v in self.ts.evaluate(params, batch).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        if not totals:
+            return {}
+        norm = totals["weight"] if totals["weight"] > 0 else 1.0
+        z = c.optimizer.z_loss_scale
+        result = {"loss": (totals["ce"] + z * totals["z"]) / norm, "ce_loss": totals["ce"] / norm,
+                  "accuracy": totals["correct"] / norm}
+        self.log(f"eval step {step} | loss {result['loss']:.4f} | accuracy {result['accuracy']:.4f}")
+        if self.events:
+            self.events.scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        return result

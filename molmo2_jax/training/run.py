@@ -1,0 +1,123 @@
+"""One training run from a TrainConfig: mesh, model config, data, starting point or resume, then the loop.
+
+    python train/train.py --config configs/train/tiny.yaml steps=20 optimizer.llm.lr=1e-4
+
+Layout of `run_dir`: `checkpoints/<step>/` (Orbax: state, data iterator, config) and `tensorboard/`.
+A run started again with the same run_dir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from molmo2_jax.config import from_dict
+from molmo2_jax.params import flatten, init_params, param_shapes, unflatten
+from molmo2_jax.sharding import describe_mesh, make_mesh
+from molmo2_jax.training.checkpointing import (Checkpointer, is_training_checkpoint, read_step_config,
+                                               restore_step_params)
+from molmo2_jax.training.config import TrainConfig, TrainConfigError, model_config
+from molmo2_jax.training.loop import Trainer, initial_state
+from molmo2_jax.training.metrics import EventWriter
+from molmo2_jax.training.step import TrainStep, make_train_step
+
+
+def resolve_model_config(train: TrainConfig):
+    """The model config of this run: from the init checkpoint (SFT), from the LLM + ViT configs on top of the
+    preset (pretraining) or the preset alone (random init), then the `model` section's changes."""
+    init = train.init
+    tokens = None
+    if train.model.get("vocab_from"):
+        from molmo2_jax.data import model_token_settings
+
+        tokens = model_token_settings(train.model["vocab_from"])
+    if init.kind == "molmo2":
+        from molmo2_jax.checkpoint import converted, hf
+
+        path = Path(init.checkpoint)
+        if is_training_checkpoint(path):
+            base = read_step_config(path)
+        else:
+            base = converted.read_config(path) if converted.is_converted(path) else hf.read_config(path)
+        return model_config(train, base, tokens)
+    if init.kind == "llm_vit":
+        from molmo2_jax.checkpoint.init_from import starting_config
+        from molmo2_jax.config import load_preset
+
+        return model_config(train, starting_config(load_preset(train.model["preset"]), init.llm, init.vit), tokens)
+    return model_config(train, None, tokens)
+
+
+def starting_state(ts: TrainStep) -> dict[str, Any]:
+    """A fresh train state at the configured starting point."""
+    init, config, mesh = ts.train_config.init, ts.model_config, ts.mesh
+    if init.kind == "random":
+        return ts.init_state(init.seed)
+    if init.kind == "molmo2":
+        import molmo2_jax
+
+        path = Path(init.checkpoint)
+        if is_training_checkpoint(path):
+            return ts.init_state(restore_step_params(path, ts.abstract_state()["params"]))
+        return ts.init_state(molmo2_jax.load(path, dtype="float32", mesh=mesh).params)
+    from molmo2_jax.checkpoint.init_from import params_from_llm_vit
+
+    shardings = flatten(ts.param_shardings)
+    random = flatten(init_params(config, init.seed, mesh))
+    params = params_from_llm_vit(config, init.llm, init.vit, random, param_shapes(config),
+                                 place=lambda path, x: jax.device_put(x, shardings[path]))
+    return ts.init_state(unflatten(params))
+
+
+def data_iterator(spec: dict[str, Any], *, evaluation: bool = False):
+    """A Grain iterator of packed batches for a `data` / `eval_data` section (PipelineConfig fields)."""
+    from molmo2_jax.data import Bucket, PipelineConfig, Source, dataset
+
+    spec = dict(spec)
+    if "processor_dir" not in spec or not spec.get("sources"):
+        raise TrainConfigError("the data section needs processor_dir and sources (see docs/data.md)")
+    try:
+        sources = tuple(from_dict(Source, s, "data.sources.") for s in spec.pop("sources"))
+        buckets = tuple(from_dict(Bucket, b, "data.buckets.") for b in spec.pop("buckets", ()))
+        if buckets:
+            spec["buckets"] = buckets
+        config = from_dict(PipelineConfig, {**spec, "sources": sources}, "data.")
+    except TypeError as e:
+        raise TrainConfigError(f"malformed data section: {e}") from None
+    if evaluation:  # the same held-out batches at every evaluation
+        config = dataclasses.replace(config, shuffle=False, num_epochs=1)
+    return iter(dataset(config))
+
+
+def run(train: TrainConfig, batches: Iterator[dict[str, np.ndarray]] | None = None,
+        eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by `train`; returns the final state. `batches` / `eval_batches`
+    replace the config's data sections (e.g. an in-memory Grain iterator)."""
+    primary = jax.process_index() == 0
+    log = log or (print if primary else (lambda _: None))
+    mesh = make_mesh(train.mesh)
+    config = resolve_model_config(train)
+    ts = make_train_step(config, train, mesh)
+    log(f"mesh {describe_mesh(mesh)}; model {config.text.num_layers} LLM layers x {config.text.hidden_size}, "
+        f"{config.vision.num_layers} ViT layers; compute {config.dtype}, remat {config.remat_policy}")
+    if batches is None:
+        batches = data_iterator(train.data)
+    if eval_batches is None and train.eval_data and train.eval.every:
+        eval_batches = lambda: data_iterator(train.eval_data, evaluation=True)
+    run_dir = Path(train.run_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints", train.checkpoint)
+    events = EventWriter(run_dir / "tensorboard") if train.log.tensorboard and primary else None
+    grain_state = batches if hasattr(batches, "get_state") else None
+    try:
+        state = initial_state(ts, checkpointer, lambda: starting_state(ts), grain_state, log)
+        return Trainer(ts, checkpointer, events, log).run(state, batches, grain_state, eval_batches)
+    finally:
+        checkpointer.close()
+        if events:
+            events.close()

@@ -1,0 +1,230 @@
+"""The jitted train step: a pure function of plain pytrees `(state, batch) -> (state, metrics)` on a mesh.
+
+State is `{"step": int32 [], "params": fp32 param tree, "opt_state": optax state}`, born in (and donated
+back to) its shardings. A batch follows the training batch contract with a leading micro-batch axis on every
+array: `input_ids [A, B, T]`, `pixel_values [A, crops, 729, 588]`, ..., `target_ids` / `loss_weights
+[A, B, T]`, where A = `grad_accum`. Gradients are summed over the A micro-batches (a `lax.scan`) and the loss
+is normalised by the total loss weight of all of them, so accumulation equals one large batch.
+
+Mixed precision: params stay fp32 in the state (master weights); the forward pass runs in the model
+config's compute `dtype` (e.g. bfloat16); logits, loss and optimizer are fp32.
+
+    ts = make_train_step(model_config, train_config, mesh)
+    state = ts.init_state(0)                       # or ts.init_state(params)
+    state, metrics = ts.step(state, batch)          # numpy or jax arrays
+    ts.jit_step(batch_spec).lower(ts.abstract_state(), batch_spec).compile()   # AOT, nothing allocated
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from molmo2_jax.config import Molmo2Config
+from molmo2_jax.model.molmo2 import Molmo2
+from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, unflatten
+from molmo2_jax.sharding import activate, batch_shardings, make_mesh, param_shardings
+from molmo2_jax.training.config import TrainConfig, TrainConfigError
+from molmo2_jax.training.loss import weighted_sums
+from molmo2_jax.training.optimizer import FROZEN, make_optimizer, param_labels, schedules
+
+MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
+              "pixel_values_videos", "video_token_pooling", "position_ids", "segment_ids")
+TARGET_KEYS = ("target_ids", "loss_weights")
+
+
+class BatchError(ValueError):
+    """A training batch that does not follow the batch contract."""
+
+
+class TrainStep:
+    """Everything needed to run (or AOT-compile) training steps of one model on one mesh."""
+
+    def __init__(self, model_config: Molmo2Config, train_config: TrainConfig, mesh: Mesh):
+        if model_config.param_dtype != "float32":
+            raise TrainConfigError(f"model.param_dtype is {model_config.param_dtype!r}; training keeps fp32 "
+                                   "master weights (model.dtype sets the compute dtype)")
+        self.model_config = model_config
+        self.train_config = train_config
+        self.mesh = mesh
+        self.module = Molmo2(self.model_config)
+        names = logical_names(self.model_config)
+        opt = train_config.optimizer
+        self.labels = param_labels(names, opt)  # raises on a bad group before anything compiles
+        self.schedules = schedules(opt, train_config.steps)
+        self.tx = make_optimizer(unflatten(self.labels), opt, train_config.steps)
+        self._frozen = unflatten({p: label == FROZEN for p, label in self.labels.items()})
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.param_shardings = param_shardings(model_config, mesh)  # fails fast on a mesh that does not fit
+        self._abstract_params = jax.tree_util.tree_map(
+            lambda box, sharding: jax.ShapeDtypeStruct(box.value.shape, jnp.float32, sharding=sharding),
+            abstract_params(self.model_config), self.param_shardings,
+            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        self._abstract_opt = jax.eval_shape(self.tx.init, self._abstract_params)
+        flat_shardings = flatten(self.param_shardings)
+        opt_shardings = jax.tree_util.tree_map_with_path(
+            lambda path, _: flat_shardings.get(_param_path(path), self.replicated), self._abstract_opt)
+        self.state_shardings = {"step": self.replicated, "params": self.param_shardings,
+                                "opt_state": opt_shardings}
+        self._jitted: dict[Any, Any] = {}
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def abstract_state(self) -> dict[str, Any]:
+        """ShapeDtypeStructs (with shardings) of the state; nothing is allocated."""
+        opt = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                     self._abstract_opt, self.state_shardings["opt_state"])
+        return {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+                "params": self._abstract_params, "opt_state": opt}
+
+    def init_state(self, seed_or_params: int | Mapping[str, Any]) -> dict[str, Any]:
+        """A fresh state from a random seed or from a param tree (cast to fp32 and placed in its shardings)."""
+        if isinstance(seed_or_params, (int, np.integer)):
+            params = jax.device_put(init_params(self.model_config, int(seed_or_params), self.mesh),
+                                    self.param_shardings)
+        else:
+            self.check_params(seed_or_params)
+            as_fp32 = lambda x: x.astype(jnp.float32) if isinstance(x, jax.Array) else np.asarray(x, np.float32)
+            params = jax.device_put(jax.tree_util.tree_map(as_fp32, dict(seed_or_params)), self.param_shardings)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+        return {"step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated), "params": params,
+                "opt_state": opt_state}
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        """Raise TrainConfigError naming the first params whose paths or shapes differ from this model's."""
+        want = {p: tuple(s.shape) for p, s in flatten(self._abstract_params).items()}
+        got = {p: tuple(np.shape(x)) for p, x in flatten(params).items()}
+        problems = [f"missing {p}" for p in sorted(set(want) - set(got))]
+        problems += [f"unexpected {p}" for p in sorted(set(got) - set(want))]
+        problems += [f"{p} has shape {got[p]}, the model needs {want[p]}"
+                     for p in sorted(set(want) & set(got)) if got[p] != want[p]]
+        if problems:
+            raise TrainConfigError(f"params do not fit the model config ({len(problems)} problem(s)): "
+                                   + "; ".join(problems[:4]))
+
+    # -- batches ---------------------------------------------------------------------------------------------
+
+    def batch_shardings(self, batch_spec: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        """Shardings for a batch (arrays or ShapeDtypeStructs): the micro-batch axis replicated, then each
+        micro-batch laid out as `sharding.batch_shardings` lays out one batch."""
+        micro = {k: jax.ShapeDtypeStruct(np.shape(v)[1:], jnp.int32) for k, v in batch_spec.items()}
+        return {k: NamedSharding(self.mesh, PartitionSpec(None, *s.spec))
+                for k, s in batch_shardings(self.mesh, micro).items()}
+
+    def check_batch(self, batch: Mapping[str, Any]) -> None:
+        unknown = sorted(set(batch) - set(MODEL_KEYS) - set(TARGET_KEYS))
+        missing = [k for k in ("input_ids", *TARGET_KEYS) if k not in batch]
+        if unknown or missing:
+            raise BatchError(f"training batch has unknown key(s) {unknown} / lacks {missing}; expected "
+                             f"{list(MODEL_KEYS + TARGET_KEYS)}")
+        a = self.train_config.grad_accum
+        for key, value in batch.items():
+            if np.ndim(value) < 2 or np.shape(value)[0] != a:
+                raise BatchError(f"batch[{key!r}] has shape {np.shape(value)}; every array needs a leading "
+                                 f"micro-batch axis of grad_accum={a}")
+        if np.shape(batch["target_ids"]) != np.shape(batch["input_ids"]):
+            raise BatchError(f"target_ids {np.shape(batch['target_ids'])} and input_ids "
+                             f"{np.shape(batch['input_ids'])} differ in shape")
+
+    # -- the step --------------------------------------------------------------------------------------------
+
+    def _loss_sums(self, params, micro_batch):
+        params = jax.tree_util.tree_map(lambda x, frozen: jax.lax.stop_gradient(x) if frozen else x,
+                                        params, self._frozen)
+        inputs = {k: v for k, v in micro_batch.items() if k in MODEL_KEYS}
+        logits, _ = self.module.apply({"params": params}, **inputs)
+        return weighted_sums(logits, micro_batch["target_ids"], micro_batch["loss_weights"])
+
+    def _train_step(self, state, batch):
+        z_scale = self.train_config.optimizer.z_loss_scale
+        total = jnp.sum(batch["loss_weights"].astype(jnp.float32))
+        norm = jnp.where(total > 0, total, 1.0)
+
+        def micro(grads, micro_batch):
+            def loss_fn(params):
+                sums = self._loss_sums(params, micro_batch)
+                return (sums["ce"] + z_scale * sums["z"]) / norm, sums
+
+            (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            return jax.tree_util.tree_map(jnp.add, grads, g), sums
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+        grads, sums = jax.lax.scan(micro, zeros, batch)
+        sums = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": (sums["ce"] + z_scale * sums["z"]) / norm, "ce_loss": sums["ce"] / norm,
+            "z_loss": sums["z"] / norm, "accuracy": sums["correct"] / norm, "loss_weight": total,
+            "grad_norm": optax.global_norm(grads),
+            **{f"lr/{name}": schedule(state["step"]) for name, schedule in self.schedules.items()},
+        }
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    def _eval_step(self, params, batch):
+        sums = jax.lax.map(lambda mb: self._loss_sums(params, mb), batch)
+        return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
+
+    def _signature(self, batch_spec: Mapping[str, Any]):
+        return tuple(sorted((k, tuple(np.shape(v)), str(getattr(v, "dtype", ""))) for k, v in batch_spec.items()))
+
+    def jit_step(self, batch_spec: Mapping[str, Any]):
+        """The jitted `(state, batch) -> (state, metrics)` for batches shaped like `batch_spec`, with input
+        and output shardings and the state donated. Call it (or `.lower(...)`) inside `self.context()`."""
+        key = ("train", self._signature(batch_spec))
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(
+                self._train_step, in_shardings=(self.state_shardings, self.batch_shardings(batch_spec)),
+                out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+        return self._jitted[key]
+
+    def jit_eval(self, batch_spec: Mapping[str, Any]):
+        """The jitted `(params, batch) -> loss sums` (ce, z, weight, correct) for held-out batches."""
+        key = ("eval", self._signature(batch_spec))
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(
+                self._eval_step, in_shardings=(self.param_shardings, self.batch_shardings(batch_spec)),
+                out_shardings=self.replicated)
+        return self._jitted[key]
+
+    def context(self):
+        """The mesh and logical-axis rules under which steps are traced (the model's activation constraints)."""
+        return activate(self.mesh)
+
+    def place_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Check a host batch and put it on the mesh in its shardings."""
+        self.check_batch(batch)
+        return jax.device_put(dict(batch), self.batch_shardings(batch))
+
+    def step(self, state: dict[str, Any], batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One optimizer step (the state is donated: do not reuse the one passed in)."""
+        batch = self.place_batch(batch)
+        with self.context():
+            return self.jit_step(batch)(state, batch)
+
+    def evaluate(self, params: dict[str, Any], batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        batch = self.place_batch(batch)
+        with self.context():
+            return self.jit_eval(batch)(params, batch)
+
+
+def _param_path(key_path) -> str:
+    """The param path ("a/b/c") at the end of an optimizer-state key path (its trailing dict keys)."""
+    names = []
+    for key in reversed(key_path):
+        if not isinstance(key, jax.tree_util.DictKey):
+            break
+        names.append(str(key.key))
+    return "/".join(reversed(names))
+
+
+def make_train_step(model_config: Molmo2Config, train_config: TrainConfig, mesh: Mesh | None = None) -> TrainStep:
+    """A TrainStep on `mesh` (default: the train config's mesh over all devices)."""
+    return TrainStep(model_config, train_config, mesh if mesh is not None else make_mesh(train_config.mesh))

@@ -1,0 +1,65 @@
+"""`molmo2-jax plan`: compiles the real training step of Molmo2-4B with a reduced layer count on 8 simulated
+devices and prints XLA's figures next to the analytic estimate; bad meshes fail before any compilation."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+REDUCED = ["text.num_layers=2", "vision.num_layers=2", "adapter.vit_layers=[1,0]"]
+
+
+def _plan(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "molmo2_jax.cli", "plan", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def _row(report: str, name: str) -> tuple[float, float]:
+    match = re.search(rf"^  {name}\s+([\d.]+)\s+([\d.]+)", report, re.M)
+    assert match, f"no {name} row in:\n{report}"
+    return float(match.group(1)), float(match.group(2))
+
+
+@pytest.mark.slow
+def test_plan_reduced_4b_agrees_with_the_estimate():
+    proc = _plan("--model", "molmo2-4b", "--mesh", "fsdp=4,tensor=2", "--batch", "8", "--seq", "1024",
+                 "--crops", "2", "--tokens", "392", *REDUCED)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "mesh data=1 fsdp=4 sequence=1 tensor=2 (8 devices, cpu)" in out
+    assert re.search(r"compile [\d.]+ s", out)
+    # arguments and outputs are exact bookkeeping: sharded params + optimizer state (+ batch)
+    xla, analytic = _row(out, "arguments")
+    assert xla == pytest.approx(analytic, rel=0.02)
+    xla, analytic = _row(out, "outputs")
+    assert xla == pytest.approx(analytic, rel=0.02)
+    xla, analytic = _row(out, "peak")
+    assert 0.5 <= xla / analytic <= 2.0, out
+    # 2 layers of the 4B model: the embedding and lm_head dominate; split 8 ways, fp32 params ~ 0.5 GiB each
+    params = float(re.search(r"params ([\d.]+) \+ optimizer state ([\d.]+)", out).group(1))
+    assert params == pytest.approx(1_068_712_864 * 4 / 8 / 2**30, rel=0.02)
+    assert re.search(r"FLOPs per step: analytic [\d.e+]+ total", out)
+
+
+@pytest.mark.parametrize("mesh,devices,message", [
+    ("fsdp=8,tensor=2", "8", "mesh {'fsdp': 8, 'tensor': 2} has 16 devices but 8 are available"),
+    ("tensor=16", None, "text.num_kv_heads = 8 is not divisible by the tensor axis of the mesh (tensor=16)"),
+    ("data=3", None, "--batch 8 is not divisible by data x fsdp = 3"),
+    ("fsdp=3", None, "param(s) cannot be split evenly on mesh data=1 fsdp=3"),
+    ("fsdp=8,model=2", None, "'model=2' is not AXIS=SIZE"),
+])
+def test_bad_mesh_fails_before_compiling(mesh, devices, message):
+    proc = _plan("--model", "molmo2-4b", "--mesh", mesh, *(["--devices", devices] if devices else []),
+                 "--batch", "8", "--seq", "1024", *REDUCED, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("molmo2-jax plan: error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""  # nothing was lowered or compiled

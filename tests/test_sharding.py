@@ -1,0 +1,205 @@
+"""Sharding on a device mesh: the rules table, fast errors for meshes that cannot work, and parity of a sharded
+forward pass and training step with the single-device result on 8 simulated CPU devices.
+
+The 8-device cases run in one subprocess (this file executed as a script prints JSON), because the device count
+is fixed when JAX starts and the pytest process has one device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MESHES = {"data8": {"data": 8}, "fsdp8": {"fsdp": 8}, "d2f2t2": {"data": 2, "fsdp": 2, "tensor": 2},
+          "f2t4": {"fsdp": 2, "tensor": 4}}
+TINY_OVERRIDES = ["vision.image_size=56"]  # 4x4 patches per crop keeps the ViT cheap
+
+
+def _batch(config, batch: int = 8, seq: int = 24, seed: int = 0):
+    """A padded training batch: per example one crop, 4 pooled tokens after a low-res start token, text."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    k, v = config.tokens, config.vision
+    ids = rng.integers(1, config.text.vocab_size, (batch, seq))
+    ids[:, 1], ids[:, 2:6], ids[:, 6] = k.low_res_image_start, k.image_patch, k.image_end
+    mask = np.ones((batch, seq), np.int32)
+    mask[1, -5:] = 0  # a right-padded example
+    ids[1, -5:] = k.pad
+    pooling = np.stack([rng.choice(v.num_patches, 4, replace=False) + b * v.num_patches
+                        for b in range(batch) for _ in range(4)]).astype(np.int32)
+    pooling[3, 2:] = -1  # a partly empty window
+    weights = (mask * (np.arange(seq) > 6) * (np.arange(seq) < seq - 1)).astype(np.float32)
+    return {"input_ids": ids.astype(np.int32), "attention_mask": mask, "segment_ids": mask,
+            "mm_token_type_ids": np.isin(ids, k.multimodal).astype(np.int32),
+            "pixel_values": rng.standard_normal((batch, v.num_patches, v.patch_dim)).astype(np.float32),
+            "image_token_pooling": pooling, "loss_weights": weights,
+            "target_ids": np.roll(ids, -1, axis=1).clip(0, config.text.vocab_size - 1).astype(np.int32)}
+
+
+def _worker() -> None:
+    """Run every mesh case on 8 simulated devices; print one JSON line of results."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import flax.linen as nn
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from molmo2_jax.config import load_preset
+    from molmo2_jax.model.molmo2 import Molmo2
+    from molmo2_jax.params import _dummy_inputs, flatten, logical_names
+    from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh, param_shardings
+    from molmo2_jax.training.loss import weighted_sums
+    from molmo2_jax.training.step import MODEL_KEYS
+
+    config = load_preset("tiny", TINY_OVERRIDES)
+    module = Molmo2(config)
+    batch = _batch(config)
+    init = lambda: nn.unbox(module.init(jax.random.key(0), **_dummy_inputs(config))["params"])
+
+    def loss(params, b):
+        logits = module.apply({"params": params}, **{k: b[k] for k in MODEL_KEYS if k in b})[0]
+        sums = weighted_sums(logits, b["target_ids"], b["loss_weights"])
+        return sums["ce"] / sums["weight"], logits
+
+    # one compiled function per mesh: loss, logits and gradients of a training step
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    ref_params = jax.jit(init)()
+    (ref_loss, ref_logits), ref_grads = jax.device_get(step(ref_params, batch))
+    names = logical_names(config)
+    leaves = jax.tree_util.tree_leaves
+    diff = lambda a, r: max(float(np.max(np.abs(np.asarray(x) - y))) for x, y in zip(leaves(a), leaves(r)))
+    scale = lambda r: max(float(np.max(np.abs(y))) for y in leaves(r))
+    results = {}
+    for case, spec in MESHES.items():
+        mesh = make_mesh(spec)
+        with activate(mesh):
+            params = jax.jit(init, out_shardings=param_shardings(config, mesh))()  # born sharded
+            (got_loss, logits), grads = step(params, jax.device_put(batch, batch_shardings(mesh, batch)))
+        wrong = [p for p, x in flatten(params).items()
+                 if not x.sharding.is_equivalent_to(NamedSharding(mesh, logical_to_spec(names[p])), x.ndim)]
+        logits_spec = PartitionSpec(("data", "fsdp"), "sequence", "tensor")
+        results[case] = {
+            "init": diff(params, ref_params), "logits": diff(logits, ref_logits), "logits_scale": scale(ref_logits),
+            "grads": diff(grads, ref_grads), "grads_scale": scale(ref_grads),
+            "loss": abs(float(got_loss) - float(ref_loss)), "wrong_param_shardings": wrong,
+            "logits_sharded": logits.sharding.is_equivalent_to(NamedSharding(mesh, logits_spec), 3),
+        }
+    print("RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def mesh_results():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parent.parent))
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULTS ")), None)
+    assert line, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MESHES))
+def test_sharded_forward_and_step_match_single_device(mesh_results, case):
+    r = mesh_results[case]
+    assert r["init"] == 0.0, "params born sharded differ from the single-device init"
+    assert r["wrong_param_shardings"] == []
+    assert r["logits_sharded"], "activation constraints did not shard the logits over batch and vocab"
+    assert r["logits"] <= 1e-5 * max(1.0, r["logits_scale"]), r
+    assert r["grads"] <= 1e-5 * max(1.0, r["grads_scale"]), r
+    assert r["loss"] <= 1e-5, r
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rules table and fast errors (no devices needed: abstract meshes)
+
+
+def _abstract_mesh(**sizes):
+    from jax.sharding import AbstractMesh, AxisType
+
+    from molmo2_jax.sharding import MESH_AXES
+
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+
+
+@pytest.mark.parametrize("preset,mesh", [("molmo2-4b", {"fsdp": 8}), ("molmo2-8b", {"fsdp": 2, "tensor": 4}),
+                                         ("molmo2-o-7b", {"data": 2, "fsdp": 2, "tensor": 2}),
+                                         ("molmo2-8b", {"fsdp": 64})])
+def test_no_large_param_left_replicated(preset, mesh):
+    """With fsdp > 1 every param over 1 MB is split over at least one mesh axis."""
+    import jax.numpy as jnp
+
+    from molmo2_jax.config import load_preset
+    from molmo2_jax.params import logical_names, param_shapes
+    from molmo2_jax.sharding import check_config, logical_to_spec
+
+    config = load_preset(preset)
+    abstract = _abstract_mesh(**mesh)
+    check_config(config, abstract)
+    shapes = param_shapes(config)
+    for path, names in logical_names(config).items():
+        nbytes = math.prod(shapes[path]) * jnp.dtype(config.param_dtype).itemsize
+        split = math.prod(abstract.shape[a] for axes in logical_to_spec(names) if axes
+                          for a in ((axes,) if isinstance(axes, str) else axes))
+        assert nbytes <= 2**20 or split > 1, f"{path} ({nbytes} bytes) is fully replicated on {mesh}"
+
+
+@pytest.mark.parametrize("preset,total", [("molmo2-4b", 4_850_869_200), ("molmo2-8b", 8_661_703_120),
+                                          ("molmo2-o-7b", 7_760_786_896)])
+def test_preset_parameter_counts_match_the_spec(preset, total):
+    from molmo2_jax.config import load_preset
+    from molmo2_jax.params import param_shapes
+
+    assert sum(math.prod(s) for s in param_shapes(load_preset(preset)).values()) == total
+
+
+def test_rules_table_rejects_collisions_and_unknown_names():
+    from molmo2_jax.sharding import MeshError, _check_table, logical_to_spec
+
+    assert tuple(logical_to_spec(("layers", "embed", "heads", "head_dim"))) == (None, "fsdp", "tensor", None)
+    with pytest.raises(MeshError, match="both map to mesh axis 'fsdp'"):
+        logical_to_spec(("embed", "vit_embed"))
+    with pytest.raises(MeshError, match="no sharding rule"):
+        logical_to_spec(("embed", "nonsense"))
+    with pytest.raises(MeshError, match="twice"):
+        _check_table((("embed", "fsdp"), ("embed", "tensor")))
+    with pytest.raises(MeshError, match="unknown mesh axes"):
+        _check_table((("embed", "model"),))
+
+
+def test_mesh_errors_name_the_problem():
+    from molmo2_jax.config import load_preset
+    from molmo2_jax.sharding import MeshError, check_config, make_mesh, parse_mesh
+
+    assert parse_mesh("fsdp=64,tensor=2") == {"fsdp": 64, "tensor": 2}
+    with pytest.raises(MeshError, match="has 16 devices but 1 are available"):
+        make_mesh("fsdp=8,tensor=2")
+    with pytest.raises(MeshError, match="'model=2' is not AXIS=SIZE"):
+        parse_mesh("model=2")
+    with pytest.raises(MeshError, match=r"text.num_kv_heads = 8 is not divisible by the tensor axis .*tensor=16"):
+        check_config(load_preset("molmo2-4b"), _abstract_mesh(tensor=16))
+    with pytest.raises(MeshError, match="lm_head dim 100278"):  # O-7B's vocabulary is only even
+        check_config(load_preset("molmo2-o-7b"), _abstract_mesh(tensor=4))
+
+
+def test_cache_shardings_follow_the_rules():
+    from molmo2_jax.config import load_preset
+    from molmo2_jax.sharding import cache_shardings
+
+    mesh = _abstract_mesh(data=2, fsdp=2, tensor=2)
+    shardings = cache_shardings(load_preset("tiny"), mesh, batch=4, max_length=64)
+    assert tuple(shardings["k"].spec) == (None, ("data", "fsdp"), "sequence", "tensor", None)
+    assert tuple(shardings["seg"].spec) == (("data", "fsdp"), "sequence")
+    single = cache_shardings(load_preset("tiny"), mesh, batch=1, max_length=64)  # a batch of 1 stays whole
+    assert tuple(single["k"].spec) == (None, None, "sequence", "tensor", None)
+
+
+if __name__ == "__main__":
+    _worker()

@@ -1,0 +1,290 @@
+"""Training: kill-and-resume gives bit-identical losses, gradient accumulation equals one large batch, frozen
+params stay put, and bad configs / checkpoints / NaN losses fail with one clear message."""
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from molmo2_jax.config import load_preset
+from molmo2_jax.params import flatten
+from molmo2_jax.training.checkpointing import Checkpointer, ResumeError
+from molmo2_jax.training.config import TrainConfigError, load_train_config, parse_train_config
+from molmo2_jax.training.loop import NanLossError, Trainer, initial_state, stack_micro_batches
+from molmo2_jax.training.step import make_train_step
+
+MODEL = load_preset("tiny")
+TOK = MODEL.tokens
+SEQ, POOLED, CROPS = 24, 6, 1
+
+
+def example(seed: int, with_image: bool) -> dict[str, np.ndarray]:
+    """One packed-free example in the batch contract (no leading batch axis on visual arrays)."""
+    rng = np.random.default_rng(seed)
+    ids = list(rng.integers(1, 250, 4))
+    if with_image:
+        ids += [TOK.low_res_image_start] + [TOK.image_patch] * POOLED + [TOK.image_end]
+    ids += list(rng.integers(1, 250, SEQ - len(ids) - 3))
+    n = len(ids)
+    input_ids = np.array(ids + [TOK.pad] * (SEQ - n), np.int32)
+    pooling = np.full((POOLED + 2, 4), -1, np.int32)  # two padding rows
+    if with_image:
+        pooling[:POOLED] = rng.integers(0, CROPS * 729, (POOLED, 4))
+    targets = np.roll(input_ids, -1)
+    weights = ((np.arange(SEQ) < n - 1) & ~np.isin(targets, MODEL.tokens.multimodal)).astype(np.float32)
+    return {"input_ids": input_ids, "mm_token_type_ids": np.isin(input_ids, TOK.multimodal).astype(np.int32),
+            "segment_ids": (np.arange(SEQ) < n).astype(np.int32), "position_ids": np.arange(SEQ, dtype=np.int32),
+            "target_ids": targets.astype(np.int32), "loss_weights": weights,
+            "pixel_values": rng.uniform(-1, 1, (CROPS, 729, 588)).astype(np.float32) * with_image,
+            "image_token_pooling": pooling}
+
+
+def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Examples -> one batch: tokens stacked, crops concatenated, pooling indices shifted into the concat."""
+    out = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k not in ("pixel_values",
+                                                                                   "image_token_pooling")}
+    out["pixel_values"] = np.concatenate([e["pixel_values"] for e in examples])
+    out["image_token_pooling"] = np.concatenate(
+        [np.where(e["image_token_pooling"] >= 0, e["image_token_pooling"] + i * CROPS * 729, -1)
+         for i, e in enumerate(examples)])
+    return out
+
+
+def synthetic_batches(batch_size: int, seed: int = 0) -> grain.DatasetIterator:
+    """A checkpointable Grain iterator of random batches, every other example with an image."""
+    def make(i):
+        return collate([example(seed + i * batch_size + j, (i + j) % 2 == 0) for j in range(batch_size)])
+    return iter(grain.MapDataset.range(10_000).map(make).to_iter_dataset())
+
+
+def train_config(tmp_path, **changes):
+    base = {"run_dir": str(tmp_path), "model": {"preset": "tiny"}, "steps": 4,
+            "optimizer": {g: {"warmup_steps": 0, "lr": 1e-3} for g in ("connector", "vit", "llm")},
+            "checkpoint": {"every": 2, "keep": 5}, "log": {"every": 1, "tensorboard": False}}
+    for key, value in changes.items():
+        node = base
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_train_config(base)
+
+
+@pytest.fixture(scope="module")
+def train_step(tmp_path_factory):
+    return make_train_step(MODEL, train_config(tmp_path_factory.mktemp("cfg")))
+
+
+class Kill(Exception):
+    pass
+
+
+def killed_after(iterator, n):
+    for i, batch in enumerate(iterator):
+        if i == n:
+            raise Kill
+        yield batch
+
+
+def test_kill_and_resume_gives_identical_losses(train_step, tmp_path):
+    logs = []
+    # uninterrupted run
+    full = Trainer(train_step, Checkpointer(tmp_path / "full", train_step.train_config.checkpoint), log=logs.append)
+    data = synthetic_batches(2)
+    full.run(train_step.init_state(0), data, data)
+    expected = dict(full.history)
+
+    # the same run killed while drawing the batch of step 4 (after the checkpoint of step 2) ...
+    ckpt = Checkpointer(tmp_path / "killed", train_step.train_config.checkpoint)
+    killed = Trainer(train_step, ckpt, log=logs.append)
+    data = synthetic_batches(2)
+    with pytest.raises(Kill):
+        killed.run(train_step.init_state(0), killed_after(data, 3), data)
+    ckpt.wait()
+    # ... and resumed by a fresh process: new checkpointer, new data iterator, state from the latest step
+    ckpt = Checkpointer(tmp_path / "killed", train_step.train_config.checkpoint)
+    data = synthetic_batches(2)
+    state = initial_state(train_step, ckpt, lambda: pytest.fail("should resume"), data, log=logs.append)
+    assert int(state["step"]) == 2
+    resumed = Trainer(train_step, ckpt, log=logs.append)
+    resumed.run(state, data, data)
+    assert [s for s, _ in resumed.history] == [3, 4]
+    for step, metrics in resumed.history:
+        assert metrics["loss"] == expected[step]["loss"], f"step {step}"  # bit-identical
+        assert metrics["grad_norm"] == expected[step]["grad_norm"]
+    assert any(line.startswith("step 4/4 | loss") and "tok/s" in line and "data wait" in line for line in logs)
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(train_step, tmp_path):
+    def poisoned():
+        data = synthetic_batches(2)
+        for i, batch in enumerate(data):
+            if i == 2:
+                batch = dict(batch, loss_weights=batch["loss_weights"] * np.nan)
+            yield batch
+
+    ckpt = Checkpointer(tmp_path, train_step.train_config.checkpoint)
+    with pytest.raises(NanLossError, match=rf"at step 3; stopping. Last checkpoint: {tmp_path}/2"):
+        Trainer(train_step, ckpt, log=lambda _: None).run(train_step.init_state(0), poisoned())
+    ckpt.wait()
+    assert ckpt.manager.all_steps() == [2]
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory):
+    """One optimizer step over 4 examples: as 4 micro-batches of 1, and as one batch of 4."""
+    tmp = tmp_path_factory.mktemp("accum")
+    examples = [example(10 + i, i % 2 == 0) for i in range(4)]
+    freeze = "vision/(pos_embed|patch_embed/.*)"
+    results = {}
+    for accum, batch in ((4, stack_micro_batches([collate([e]) for e in examples])),
+                         (1, stack_micro_batches([collate(examples)]))):
+        ts = make_train_step(MODEL, train_config(tmp, grad_accum=accum, **{"optimizer.freeze": freeze}))
+        state = ts.init_state(0)
+        before = jax.device_get(flatten(state["params"]))
+        state, metrics = ts.step(state, batch)
+        results[accum] = before, jax.device_get(flatten(state["params"])), jax.device_get(metrics)
+    return results
+
+
+def test_gradient_accumulation_equals_one_large_batch(accumulated):
+    _, params4, m4 = accumulated[4]
+    _, params1, m1 = accumulated[1]
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    assert m4["loss_weight"] == m1["loss_weight"]
+    # Adam's first update is ~lr * sign(grad): grads that are ~0 in both runs may round to different signs, so
+    # params are compared to 1% of the learning rate (a wrong accumulation moves them by ~2 * lr).
+    for path in params1:
+        np.testing.assert_allclose(params4[path], params1[path], rtol=0, atol=1e-5, err_msg=path)
+
+
+def test_frozen_params_do_not_change(accumulated):
+    before, after, _ = accumulated[4]
+    frozen = ["vision/pos_embed", "vision/patch_embed/kernel", "vision/patch_embed/bias"]
+    for path in frozen:
+        assert np.array_equal(before[path], after[path]), path
+    moved = [p for p in before if p not in frozen and not np.array_equal(before[p], after[p])]
+    assert "vision/blocks/q/kernel" in moved and "connector/q/kernel" in moved and "lm_head" in moved
+
+
+# -- bad input: clear errors before anything compiles ------------------------------------------------------
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {preset: tiny}\noptimizer:\n  lr_connector: 1.0\n")
+    with pytest.raises(TrainConfigError, match=r"unknown config key\(s\) \['lr_connector'\] in optimizer\.; "
+                                               r"valid keys: \[.*'connector'.*'freeze'"):
+        load_train_config(path)
+    with pytest.raises(TrainConfigError, match=r"unknown config key\(s\) \['stepz'\].*valid keys: \[.*'steps'"):
+        load_train_config(path, ["optimizer={}", "stepz=3"])
+
+
+def test_lr_group_matching_no_params_is_an_error(tmp_path):
+    config = train_config(tmp_path, **{"optimizer.vit.pattern": "vit/.*"})
+    with pytest.raises(TrainConfigError, match=r"optimizer.vit.pattern 'vit/.\*' matches no parameter"):
+        make_train_step(MODEL, config)
+    config = train_config(tmp_path, **{"optimizer.freeze": "nothing/.*"})
+    with pytest.raises(TrainConfigError, match="optimizer.freeze 'nothing/.\\*' matches no parameter"):
+        make_train_step(MODEL, config)
+
+
+def test_resume_from_another_model_shape_is_an_error(tmp_path):
+    config = train_config(tmp_path)
+    ckpt = Checkpointer(tmp_path, config.checkpoint)
+    ckpt.save(5, {"step": np.zeros((), np.int32)}, MODEL, config)
+    ckpt.wait()
+    other = MODEL.replace(text=MODEL.text.__class__(**{**MODEL.text.__dict__, "num_layers": 3}))
+    with pytest.raises(ResumeError, match=rf"{tmp_path}/5: checkpoint is of another model shape .*decoder/layers"):
+        ckpt.restore(5, {}, other)
+
+
+def test_mixed_precision_keeps_fp32_master_weights(tmp_path):
+    ts = make_train_step(MODEL.replace(dtype="bfloat16"), train_config(tmp_path))
+    state = ts.init_state(0)
+    batch = stack_micro_batches([next(synthetic_batches(2))])
+    state, metrics = ts.step(state, batch)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(state["params"])} == {np.dtype("float32")}
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    with pytest.raises(TrainConfigError, match="model.param_dtype is 'bfloat16'; training keeps fp32 master"):
+        make_train_step(MODEL.replace(param_dtype="bfloat16"), train_config(tmp_path))
+
+
+def test_release_configs_parse_and_resolve_their_presets():
+    from molmo2_jax.training.config import TRAIN_CONFIGS_DIR, model_config
+
+    names = sorted(p.stem for p in TRAIN_CONFIGS_DIR.glob("*.yaml"))
+    for model in ("4b", "8b", "o-7b"):
+        assert {f"molmo2-{model}-{stage}" for stage in ("pretrain", "sft", "long-sft")} <= set(names)
+    for name in names:
+        config = load_train_config(name)
+        if config.model.get("preset") and not config.model.get("vocab_from"):
+            assert model_config(config).param_dtype == "float32"
+    sft = load_train_config("molmo2-4b-sft")
+    assert (sft.optimizer.connector.lr, sft.optimizer.vit.lr, sft.optimizer.llm.lr) == (5e-6, 5e-6, 1e-5)
+    pre = load_train_config("molmo2-4b-pretrain")
+    assert [g.warmup_steps for g in pre.optimizer.groups.values()] == [200, 2000, 2000]
+
+
+def test_train_script_reports_bad_config_in_one_line(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parent.parent / "train/train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--config", "tiny", "optimizer.connector.lrr=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: unknown config key(s) ['lrr'] in optimizer.connector.")
+    assert script.main(["--config", "no-such-config"]) == 1
+    assert "training config 'no-such-config' not found" in capsys.readouterr().err
+
+
+def test_tensorboard_records_are_framed_with_crc32c(tmp_path):
+    import struct
+
+    from molmo2_jax.training.metrics import EventWriter, _masked_crc
+
+    crc = 0xE3069283  # the CRC-32C check value of b"123456789"
+    assert _masked_crc(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    writer = EventWriter(tmp_path)
+    writer.scalars(7, {"train/loss": 1.5})
+    writer.close()
+    data = writer.path.read_bytes()
+    records = []
+    while data:
+        (n,) = struct.unpack("<Q", data[:8])
+        assert struct.unpack("<I", data[8:12])[0] == _masked_crc(data[:8])
+        record = data[12:12 + n]
+        assert struct.unpack("<I", data[12 + n:16 + n])[0] == _masked_crc(record)
+        records.append(record)
+        data = data[16 + n:]
+    assert b"brain.Event:2" in records[0]
+    assert b"train/loss" in records[1] and struct.pack("<f", 1.5) in records[1]
+
+
+def test_evaluation_gives_the_loss_the_step_reports(train_step):
+    """Held-out evaluation on a batch gives the loss the train step reports for it (pre-update params)."""
+    batch = next(synthetic_batches(2, seed=500))
+    state = train_step.init_state(0)
+    lines = []
+    result = Trainer(train_step, log=lines.append).evaluate(0, state["params"], iter([batch]))
+    _, metrics = train_step.step(state, stack_micro_batches([batch]))
+    np.testing.assert_allclose(result["loss"], float(metrics["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(result["accuracy"], float(metrics["accuracy"]), rtol=1e-6)
+    assert lines == [f"eval step 0 | loss {result['loss']:.4f} | accuracy {result['accuracy']:.4f}"]
+
+
+def test_step_compiles_ahead_of_time_from_abstract_shapes(train_step):
+    """What the `plan` command needs: lower and compile the step from ShapeDtypeStructs, nothing allocated."""
+    batch = stack_micro_batches([next(synthetic_batches(2))])
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    state_spec = train_step.abstract_state()
+    assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
+               for x in jax.tree_util.tree_leaves(state_spec))
+    with train_step.context():
+        compiled = train_step.jit_step(spec).lower(state_spec, spec).compile()
+    assert compiled.memory_analysis() is not None
+    shardings = train_step.batch_shardings(spec)
+    assert shardings["pixel_values"].spec[0] is None  # the micro-batch axis is never split
