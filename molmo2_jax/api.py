@@ -15,8 +15,8 @@ from jax.sharding import Mesh
 from molmo2_jax.checkpoint import converted, hf
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.molmo2 import Molmo2
-from molmo2_jax.params import flatten, logical_names, param_sharding, param_shapes, placer, unflatten
-from molmo2_jax.sharding import activate
+from molmo2_jax.params import flatten, param_shapes, placer, unflatten
+from molmo2_jax.sharding import activate, check_config, param_shardings
 
 # Model inputs, named like the transformers Molmo2Processor outputs.
 INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
@@ -99,26 +99,45 @@ class Molmo2Model:
 
 
 def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, **config_changes) -> Molmo2Model:
-    """Load a Molmo2 checkpoint: a Hugging Face directory (released or transformers-native tensor names) or a
-    directory written by `convert/hf_to_jax.py`. `dtype` sets params and compute dtype; with a `mesh` every
-    param is placed straight into its sharding."""
+    """Load a Molmo2 checkpoint: a Hugging Face directory (released or transformers-native tensor names), a
+    directory written by `convert/hf_to_jax.py`, or a training run (its latest step) or step directory.
+    `dtype` sets params and compute dtype; with a `mesh` every param is placed straight into its sharding."""
+    from molmo2_jax.training.checkpointing import is_training_checkpoint, read_step_config, restore_step_params
+
     path = Path(path)
     if not path.is_dir():
         raise hf.CheckpointError(f"{path}: checkpoint directory does not exist")
+    path = _latest_step(path)
+    restore = None
     if converted.is_converted(path):
-        config = converted.read_config(path).replace(dtype=dtype, param_dtype=dtype, **config_changes)
-        shapes = unflatten({p: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for p, s in param_shapes(config).items()})
-        shardings = None
-        if mesh is not None:
-            shardings = unflatten({p: param_sharding(n, mesh) for p, n in logical_names(config).items()})
-        params = converted.restore_params(path, converted.abstract_like(shapes, jnp.dtype(dtype), shardings))
-        return Molmo2Model(config, params, mesh)
-    if not hf.is_hf_checkpoint(path):
+        config, restore = converted.read_config(path), converted.restore_params
+    elif is_training_checkpoint(path):
+        config, restore = read_step_config(path), restore_step_params
+    elif not hf.is_hf_checkpoint(path):
         raise hf.CheckpointError(f"{path}: not a Molmo2 checkpoint (expected config.json + *.safetensors, "
-                                 f"or {converted.CONFIG_FILE} + {converted.PARAMS_DIR}/)")
-    config = hf.read_config(path).replace(dtype=dtype, param_dtype=dtype, **config_changes)
-    flat = hf.import_params(path, config, param_shapes(config), dtype=dtype, place=placer(config, mesh))
-    return Molmo2Model(config, unflatten(flat), mesh)
+                                 f"{converted.CONFIG_FILE} + {converted.PARAMS_DIR}/, or a training run)")
+    else:
+        config = hf.read_config(path)
+    config = config.replace(dtype=dtype, param_dtype=dtype, **config_changes)
+    if mesh is not None:
+        check_config(config, mesh)  # a mesh that does not fit fails here, before anything is read
+    if restore is None:
+        flat = hf.import_params(path, config, param_shapes(config), dtype=dtype, place=placer(config, mesh))
+        return Molmo2Model(config, unflatten(flat), mesh)
+    shapes = unflatten({p: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for p, s in param_shapes(config).items()})
+    shardings = None if mesh is None else param_shardings(config, mesh)
+    return Molmo2Model(config, restore(path, converted.abstract_like(shapes, jnp.dtype(dtype), shardings)), mesh)
+
+
+def _latest_step(path: Path) -> Path:
+    """A training run directory -> its latest step directory (`run/checkpoints/STEP`); other paths unchanged."""
+    from molmo2_jax.training.checkpointing import is_training_checkpoint
+
+    for candidates in (path / "checkpoints", path):
+        steps = [p for p in candidates.glob("*") if p.name.isdigit() and is_training_checkpoint(p)]
+        if steps and not is_training_checkpoint(path):
+            return max(steps, key=lambda p: int(p.name))
+    return path
 
 
 __all__ = ["InputError", "Molmo2Model", "flatten", "load"]

@@ -9,11 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.molmo2 import Molmo2
-from molmo2_jax.sharding import LOGICAL_RULES
+from molmo2_jax.sharding import param_shardings
 
 
 def _dummy_inputs(config: Molmo2Config) -> dict[str, jax.Array]:
@@ -63,28 +63,21 @@ def param_shapes(config: Molmo2Config) -> dict[str, tuple[int, ...]]:
     return {p: tuple(box.value.shape) for p, box in flatten(abstract_params(config)).items()}
 
 
-def param_sharding(names: tuple[str, ...], mesh: Mesh) -> NamedSharding:
-    spec = nn.logical_to_mesh_axes(names, LOGICAL_RULES)
-    return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
-
-
 def init_params(config: Molmo2Config, seed: int = 0, mesh: Mesh | None = None) -> dict[str, Any]:
     """Random params (each born in its sharding when a mesh is given)."""
     model = Molmo2(config)
     init = lambda: nn.unbox(model.init(jax.random.key(seed), **_dummy_inputs(config))["params"])
     if mesh is None:
         return jax.jit(init)()
-    names = logical_names(config)
-    shardings = unflatten({p: param_sharding(n, mesh) for p, n in names.items()})
-    return jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, out_shardings=param_shardings(config, mesh))()
 
 
 def placer(config: Molmo2Config, mesh: Mesh | None):
     """`place(path, numpy array) -> jax.Array` putting each param straight into its sharding."""
     if mesh is None:
         return lambda path, value: jax.device_put(value)
-    names = logical_names(config)
-    return lambda path, value: jax.device_put(value, param_sharding(names[path], mesh))
+    shardings = flatten(param_shardings(config, mesh))
+    return lambda path, value: jax.device_put(value, shardings[path])
 
 
 def count_params(params: Mapping[str, Any]) -> int:

@@ -151,7 +151,7 @@ def import_params(src: str | Path, config: Molmo2Config, shapes: dict[str, tuple
                     misshaped.append(f"{'+'.join(hf_names)} {list(matrix.shape)} for {p} {list(shape)}")
                     continue
                 if n is None:
-                    buffers[p] = value.astype(np_dtype)
+                    buffers[p] = value.astype(np_dtype, copy=False)
                 else:
                     buffers[p][i] = value
         if not missing and not misshaped:

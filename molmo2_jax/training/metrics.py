@@ -1,15 +1,8 @@
-"""Training metrics: a FLOPs estimate for MFU, the progress line, and TensorBoard scalar event files.
-
-The event writer encodes the few protobuf fields TensorBoard reads (Event{wall_time, step, summary{value{tag,
-simple_value}}}) in TFRecord framing, so no TensorFlow / tensorboard package is needed.
-"""
+"""Training metrics: a FLOPs estimate for MFU, the progress line, and TensorBoard scalar event files."""
 
 from __future__ import annotations
 
 import math
-import socket
-import struct
-import time
 from pathlib import Path
 
 import jax
@@ -56,69 +49,19 @@ def progress_line(step: int, total: int, metrics: dict[str, float], tokens_per_s
 # TensorBoard event files
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:  # length-delimited field
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(step: int, wall_time: float, summary: bytes | None = None, file_version: str | None = None) -> bytes:
-    out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step)
-    if file_version is not None:
-        out += _field(3, file_version.encode())
-    if summary is not None:
-        out += _field(5, summary)
-    return out
-
-
 class EventWriter:
-    """Appends scalar summaries to `logdir/events.out.tfevents.*` (readable by TensorBoard)."""
+    """Scalar summaries in TensorBoard event files under `logdir` (written by tensorboardX)."""
 
     def __init__(self, logdir: str | Path):
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self._file = open(self.path, "ab")
-        self._write(_event(0, time.time(), file_version="brain.Event:2"))
+        from tensorboardX import SummaryWriter
 
-    def _write(self, record: bytes) -> None:
-        header = struct.pack("<Q", len(record))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)) + record
-                         + struct.pack("<I", _masked_crc(record)))
+        self._writer = SummaryWriter(str(logdir))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        summary = b"".join(_field(1, _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
-                           for tag, value in values.items() if math.isfinite(value))
-        self._write(_event(step, time.time(), summary=summary))
-        self._file.flush()
+        for tag, value in values.items():
+            if math.isfinite(value):
+                self._writer.add_scalar(tag, value, step)
+        self._writer.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._writer.close()
