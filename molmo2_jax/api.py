@@ -102,16 +102,17 @@ def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, **c
     """Load a Molmo2 checkpoint: a Hugging Face directory (released or transformers-native tensor names), a
     directory written by `convert/hf_to_jax.py`, or a training run (its latest step) or step directory.
     `dtype` sets params and compute dtype; with a `mesh` every param is placed straight into its sharding."""
-    from molmo2_jax.training.checkpointing import is_training_checkpoint, read_step_config, restore_step_params
+    from molmo2_jax.training.checkpointing import find_step_dir, read_step_config, restore_step_params
 
     path = Path(path)
     if not path.is_dir():
         raise hf.CheckpointError(f"{path}: checkpoint directory does not exist")
-    path = _latest_step(path)
+    step_dir = None if converted.is_converted(path) else find_step_dir(path)
     restore = None
     if converted.is_converted(path):
         config, restore = converted.read_config(path), converted.restore_params
-    elif is_training_checkpoint(path):
+    elif step_dir is not None:
+        path = step_dir
         config, restore = read_step_config(path), restore_step_params
     elif not hf.is_hf_checkpoint(path):
         raise hf.CheckpointError(f"{path}: not a Molmo2 checkpoint (expected config.json + *.safetensors, "
@@ -127,17 +128,6 @@ def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, **c
     shapes = unflatten({p: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for p, s in param_shapes(config).items()})
     shardings = None if mesh is None else param_shardings(config, mesh)
     return Molmo2Model(config, restore(path, converted.abstract_like(shapes, jnp.dtype(dtype), shardings)), mesh)
-
-
-def _latest_step(path: Path) -> Path:
-    """A training run directory -> its latest step directory (`run/checkpoints/STEP`); other paths unchanged."""
-    from molmo2_jax.training.checkpointing import is_training_checkpoint
-
-    for candidates in (path / "checkpoints", path):
-        steps = [p for p in candidates.glob("*") if p.name.isdigit() and is_training_checkpoint(p)]
-        if steps and not is_training_checkpoint(path):
-            return max(steps, key=lambda p: int(p.name))
-    return path
 
 
 __all__ = ["InputError", "Molmo2Model", "flatten", "load"]

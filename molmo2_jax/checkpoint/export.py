@@ -27,8 +27,9 @@ from etils import epath
 
 from molmo2_jax.checkpoint import converted, hf
 from molmo2_jax.checkpoint.table import RELEASED, active_rules, layer_count
-from molmo2_jax.config import Molmo2Config, from_dict, to_hf_config
+from molmo2_jax.config import Molmo2Config, to_hf_config
 from molmo2_jax.params import param_shapes
+from molmo2_jax.training.checkpointing import find_step_dir, read_step_config
 
 MAX_SHARD_BYTES = 5 * 10**9  # the usual Hugging Face shard limit ("5GB")
 INDEX_FILE = "model.safetensors.index.json"
@@ -101,15 +102,10 @@ class ParamSource:
             raise hf.CheckpointError(f"{src}: checkpoint directory does not exist")
         if converted.is_converted(src):
             return cls(src, converted.read_config(src), src / converted.PARAMS_DIR, "", [src])
-        if _is_train_step(src):
-            return cls(src, _train_config(src), src / TRAIN_STATE_ITEM, "params.", [src, src.parent])
-        steps = {int(p.name): p for p in src.iterdir() if p.name.isdigit() and _is_train_step(p)}
-        if steps:
-            chosen = max(steps) if step is None else step
-            if chosen not in steps:
-                raise hf.CheckpointError(f"{src}: training run has no step {step} (saved steps: {sorted(steps)})")
-            where = steps[chosen]
-            return cls(where, _train_config(where), where / TRAIN_STATE_ITEM, "params.", [src])
+        where = find_step_dir(src, step)
+        if where is not None:  # side files may sit in the run directory, one or two levels up
+            return cls(where, read_step_config(where), where / TRAIN_STATE_ITEM, "params.",
+                       list(dict.fromkeys([where, where.parent, where.parent.parent, src])))
         raise hf.CheckpointError(
             f"{src}: not a converted or training checkpoint (expected {converted.CONFIG_FILE} + "
             f"{converted.PARAMS_DIR}/, or step directories with {TRAIN_STATE_ITEM}/ and {TRAIN_CONFIG_ITEM}/)")
@@ -165,25 +161,6 @@ class _ChunkwiseReader:
             shifted = tuple(slice(o + s, o + s + c) for o, s, c in zip(origin, starts, chunk))
             out[block] = self.store[shifted].read().result()
         return out if dtype is None else out.astype(dtype, copy=False)
-
-
-def _is_train_step(path: Path) -> bool:
-    return (path / TRAIN_STATE_ITEM).is_dir() and (path / TRAIN_CONFIG_ITEM).is_dir()
-
-
-def _train_config(step_dir: Path) -> Molmo2Config:
-    item = step_dir / TRAIN_CONFIG_ITEM
-    try:
-        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-            saved = checkpointer.restore(item.absolute())
-    except (OSError, ValueError) as e:
-        raise hf.CheckpointError(f"{item}: unreadable run config ({e})") from None
-    if not isinstance(saved, dict) or "model" not in saved:
-        raise hf.CheckpointError(f"{item}: run config has no 'model' section")
-    try:
-        return from_dict(Molmo2Config, saved["model"]).validate()
-    except (ValueError, TypeError) as e:
-        raise hf.CheckpointError(f"{item}: {e}") from None
 
 
 def _read_json(path: Path, what: Path) -> Any:

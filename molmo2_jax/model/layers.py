@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -16,27 +16,35 @@ from molmo2_jax.config import RopeScaling
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
 
 
-class _FlatBox(nn.LogicallyPartitioned):
-    """DenseGeneral unboxes a multi-dim kernel (or bias) while it is still flattened, which under an active mesh
-    applies its sharding constraint to the wrong rank; constrain only once the rank matches the names."""
+class Dense(nn.Module):
+    """`x @ kernel` over the trailing `contract` dims of x; the kernel (and bias) carry logical axis names,
+    `axes` naming every kernel dim (the contracted input dims, then the feature dims)."""
 
-    def unbox(self, apply_constraint=True):
-        return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+    contract: int = 1
 
-
-def _boxed(init, names: tuple[str, ...]):
-    return lambda *args: _FlatBox(init(*args), names)
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (*x.shape[x.ndim - self.contract:], *self.features)
+        kernel = self.param("kernel", nn.with_logical_partitioning(DEFAULT_INIT, self.axes), shape, self.param_dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.contract:]),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 def dense(features: int | Sequence[int], axes: Sequence[str], *, use_bias: bool, dtype, param_dtype,
-          contract: int | tuple[int, ...] = -1, name: str | None = None) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel (and bias) carry logical axis names: `axes` names every kernel dim."""
+          contract: int | tuple[int, ...] = -1, name: str | None = None) -> Dense:
+    """A Dense layer; `contract` is -1 (the last dim of x) or (-2, -1) (the last two, e.g. heads x head_dim)."""
     features = tuple(features) if isinstance(features, Sequence) else (features,)
-    return nn.DenseGeneral(
-        features=features, axis=contract, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=_boxed(DEFAULT_INIT, tuple(axes)),
-        bias_init=_boxed(nn.initializers.zeros, tuple(axes[-len(features):])),
-        name=name)
+    n_contract = len(contract) if isinstance(contract, tuple) else 1
+    return Dense(features, tuple(axes), use_bias, dtype, param_dtype, n_contract, name=name)
 
 
 class RMSNorm(nn.Module):

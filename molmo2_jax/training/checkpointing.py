@@ -30,6 +30,22 @@ def is_training_checkpoint(path: Path) -> bool:
     return (path / "state").is_dir() and (path / "config").is_dir()
 
 
+def find_step_dir(path: Path, step: int | None = None) -> Path | None:
+    """The training step directory `path` names: itself, or the given (default: latest) step of a run directory
+    (`run/checkpoints/STEP`) or of its `checkpoints/` directory. None when `path` holds no training checkpoint."""
+    if is_training_checkpoint(path):
+        return path
+    for root in (path / "checkpoints", path):
+        steps = {int(p.name): p for p in root.glob("*") if p.name.isdigit() and is_training_checkpoint(p)}
+        if steps:
+            if step is None:
+                return steps[max(steps)]
+            if step not in steps:
+                raise ResumeError(f"{path}: training run has no step {step} (saved steps: {sorted(steps)})")
+            return steps[step]
+    return None
+
+
 def read_step_config(path: Path) -> Molmo2Config:
     """The model config saved with a training checkpoint's step directory."""
     try:

@@ -100,7 +100,7 @@ def run(train: TrainConfig, batches: Iterator[dict[str, np.ndarray]] | None = No
     """Train (or resume) the run described by `train`; returns the final state. `batches` / `eval_batches`
     replace the config's data sections (e.g. an in-memory Grain iterator)."""
     primary = jax.process_index() == 0
-    log = log or (print if primary else (lambda _: None))
+    log = log or ((lambda line: print(line, flush=True)) if primary else (lambda _: None))
     mesh = make_mesh(train.mesh)
     config = resolve_model_config(train)
     ts = make_train_step(config, train, mesh)
