@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -113,21 +113,35 @@ def import_params(src: str | Path, config: Molmo2Config, shapes: dict[str, tuple
                   progress: Callable[[str], None] | None = None,
                   allocate: Callable[[str, tuple[int, ...], np.dtype], np.ndarray] | None = None
                   ) -> dict[str, object]:
-    """Stream an HF checkpoint into `{param_path: place(path, array)}`.
+    """Stream a Molmo2 HF checkpoint (released or native layout) into `{param_path: place(path, array)}`;
+    see `import_rules`."""
+    source = TensorSource(Path(src))
+    table = active_rules(detect_layout(source.names(), source.src), config)
+    return import_rules(source, table, config, shapes, dtype=dtype, place=place, progress=progress,
+                        allocate=allocate, unused=lambda name: _unused_vit_block(name, config))
+
+
+def import_rules(source: TensorSource, rules: Iterable[Rule], config: Molmo2Config,
+                 shapes: dict[str, tuple[int, ...]], *, dtype: str = "float32",
+                 place: Callable[[str, np.ndarray], object] = lambda path, x: x,
+                 progress: Callable[[str], None] | None = None,
+                 allocate: Callable[[str, tuple[int, ...], np.dtype], np.ndarray] | None = None,
+                 transforms: Mapping[str, Callable[[np.ndarray], np.ndarray]] = {},
+                 unused: Callable[[str], bool] = lambda name: False) -> dict[str, object]:
+    """Fill the params named by `rules` from `source`, each source tensor read once.
 
     `shapes` holds the expected shape of every param (stacked layer params with their leading axis). Each
     param is complete, converted to `dtype` and handed to `place` before the next rule is read. `allocate(path,
     shape, dtype)` makes the buffer a param is filled into (default `np.empty`; a memory map keeps stacked
-    params out of anonymous memory).
+    params out of anonymous memory). `transforms[path]` reshapes a source block before the table's layout
+    change (e.g. a conv patch embedding). Source tensors for which `unused(name)` holds may stay unread; any
+    other unread, missing or mis-shaped tensor fails with one message listing them.
     """
-    src = Path(src)
-    source = TensorSource(src)
     names = source.names()
-    table = active_rules(detect_layout(names, src), config)
     np_dtype = DTYPES[dtype]
     consumed: set[str] = set()
     missing, misshaped, out = [], [], {}
-    for rule in table:
+    for rule in rules:
         n = layer_count(rule, config)
         buffers = {p: allocate(p, shapes[p], np_dtype) if allocate else np.empty(shapes[p], np_dtype)
                    for p in rule.params}
@@ -146,6 +160,8 @@ def import_params(src: str | Path, config: Molmo2Config, shapes: dict[str, tuple
                 continue
             for p, chunk in zip(rule.params, np.split(matrix, np.cumsum(sizes)[:-1], axis=0)):
                 shape = shapes[p][1:] if n is not None else shapes[p]
+                if p in transforms:
+                    chunk = transforms[p](chunk.astype(np_dtype, copy=False))
                 value = _to_param(chunk, shape, rule)
                 if value is None:
                     misshaped.append(f"{'+'.join(hf_names)} {list(matrix.shape)} for {p} {list(shape)}")
@@ -160,7 +176,7 @@ def import_params(src: str | Path, config: Molmo2Config, shapes: dict[str, tuple
                 if progress:
                     progress(p)
         del buffers
-    unexpected = sorted(h for h in names - consumed if not _unused_vit_block(h, config))
+    unexpected = sorted(h for h in names - consumed if not unused(h))
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s): {_preview(missing)}")
@@ -169,7 +185,7 @@ def import_params(src: str | Path, config: Molmo2Config, shapes: dict[str, tuple
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensor(s): {_preview(unexpected)}")
     if problems:
-        raise CheckpointError(f"{src}: checkpoint does not match its config.json; " + "; ".join(problems))
+        raise CheckpointError(f"{source.src}: checkpoint does not match the model config; " + "; ".join(problems))
     return out
 
 

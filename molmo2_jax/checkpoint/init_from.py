@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from molmo2_jax.checkpoint.hf import CheckpointError, TensorSource, _to_param
-from molmo2_jax.checkpoint.table import Rule, layer_count
+from molmo2_jax.checkpoint.hf import CheckpointError, TensorSource, import_rules
+from molmo2_jax.checkpoint.table import Rule
 from molmo2_jax.config import Molmo2Config
 
 # -- tables --------------------------------------------------------------------------------------------------
@@ -131,49 +131,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
-def import_tables(src: Path, rules: tuple[Rule, ...], config: Molmo2Config, shapes: dict[str, tuple[int, ...]],
-                  unused: Callable[[str], bool] = lambda name: False,
-                  transforms: dict[str, Callable] | None = None,
-                  place: Callable[[str, np.ndarray], Any] = lambda path, x: x) -> dict[str, Any]:
-    """`{param path: place(path, fp32 array)}` for the params named by `rules`, read from the safetensors of
-    `src` one param at a time.
-
-    Tensors for which `unused(name)` is true are skipped; any other tensor the rules do not consume, any missing
-    tensor or wrong shape fails with one message listing them.
-    """
-    source = TensorSource(src)
-    names = source.names()
-    transforms = transforms or {}
-    consumed, missing, misshaped, out = set(), [], [], {}
-    for rule in rules:
-        n = layer_count(rule, config)
-        (param,) = rule.params
-        buffer = np.empty(shapes[param], np.float32)
-        for i in range(n) if n is not None else [None]:
-            (name,) = [h.format(i=i) for h in rule.hf]
-            if name not in names:
-                missing.append(name)
-                continue
-            consumed.add(name)
-            value = source.get(name).astype(np.float32)
-            value = transforms.get(param, lambda x: x)(value)
-            converted = _to_param(value, shapes[param][1:] if n is not None else shapes[param], rule)
-            if converted is None:
-                misshaped.append(f"{name} {list(value.shape)} for {param} {list(shapes[param])}")
-            elif n is None:
-                buffer = converted
-            else:
-                buffer[i] = converted
-        if not missing and not misshaped:
-            out[param] = place(param, buffer)
-    unexpected = sorted(h for h in names - consumed if not unused(h))
-    problems = [f"{what} {len(items)}: {', '.join(items[:3])}" for what, items in
-                (("missing", missing), ("wrong shape", misshaped), ("unexpected", unexpected)) if items]
-    if problems:
-        raise CheckpointError(f"{src}: does not fit the model config; " + "; ".join(problems))
-    return out
-
-
 # -- configs ------------------------------------------------------------------------------------------------
 
 LLM_FAMILIES = {"qwen3": ("qwen3", False, QWEN3), "olmo3": ("olmo", True, OLMO3)}
@@ -235,21 +192,23 @@ def params_from_llm_vit(config: Molmo2Config, llm_dir: str | Path, vit_dir: str 
     hf = _read_json(llm_dir)
     _, _, table = LLM_FAMILIES[llm_family(hf, llm_dir)]
     t = config.text
-    tied = not (TensorSource(llm_dir).names() >= {"lm_head.weight"})
+    llm = TensorSource(llm_dir)
+    tied = "lm_head.weight" not in llm.names()
     llm_shapes = dict(shapes, embedding=(t.vocab_size, t.hidden_size))
     out = dict(random_params)
     placed = lambda path, x: x if path == "embedding" else place(path, x)
-    out.update(import_tables(llm_dir, table + ((TIED_LM_HEAD,) if tied else (LM_HEAD,)), config, llm_shapes,
-                             place=placed))
+    out.update(import_rules(llm, table + ((TIED_LM_HEAD,) if tied else (LM_HEAD,)), config, llm_shapes,
+                            place=placed))
     # rows of the image/video tokens keep their random init
     extra = np.asarray(random_params["embedding"][t.vocab_size:], np.float32)
     out["embedding"] = place("embedding", np.concatenate([out["embedding"], extra]))
     # The tower's names start with "vision_model." in SiglipModel files and may not in SiglipVisionModel ones.
     anchor = "embeddings.patch_embedding.weight"
-    prefix = next((n[:-len(anchor)] for n in sorted(TensorSource(vit_dir).names()) if n.endswith(anchor)), "")
-    out.update(import_tables(vit_dir, siglip_table(prefix), config, shapes,
-                             unused=siglip_unused(prefix, config.vision.num_layers),
-                             transforms={"vision/patch_embed/kernel": _patch_to_dense,
-                                         "vision/pos_embed": _position_table(config.vision.patches_per_side)},
-                             place=place))
+    vit = TensorSource(vit_dir)
+    prefix = next((n[:-len(anchor)] for n in sorted(vit.names()) if n.endswith(anchor)), "")
+    out.update(import_rules(vit, siglip_table(prefix), config, shapes,
+                            unused=siglip_unused(prefix, config.vision.num_layers),
+                            transforms={"vision/patch_embed/kernel": _patch_to_dense,
+                                        "vision/pos_embed": _position_table(config.vision.patches_per_side)},
+                            place=place))
     return out
