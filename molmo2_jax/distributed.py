@@ -1,5 +1,6 @@
-"""Multi-host runs: joining the processes with `jax.distributed`, the slice of each global batch a host loads,
-assembling global arrays from those slices, and the start-up lines every process prints.
+"""Multi-host runs: joining the processes with `jax.distributed`, the start-up lines every process prints, the
+small agreement of the hosts before each step (batch shapes, stop signals) and global batch arrays assembled
+from each host's own examples (its data pipeline reads its own shard, see `data.pipeline.records`).
 
 Settings come from arguments or the environment (`MOLMO2_COORDINATOR=host:port`, `MOLMO2_NUM_PROCESSES`,
 `MOLMO2_PROCESS_ID`). With none of them, `jax.distributed.initialize()` is called only where JAX detects a
@@ -8,19 +9,23 @@ cluster by itself (TPU pods, SLURM, Open MPI); otherwise the run stays single-pr
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 
-from molmo2_jax.sharding import MeshError, batch_shardings, describe_mesh
+from molmo2_jax.sharding import BATCH_AXES, MeshError, describe_mesh
 
 ENV = {"coordinator": "MOLMO2_COORDINATOR", "num_processes": "MOLMO2_NUM_PROCESSES",
        "process_id": "MOLMO2_PROCESS_ID"}
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
+POOLING = {"image_token_pooling": "pixel_values", "video_token_pooling": "pixel_values_videos"}  # -> what it indexes
+_MAX_RANK = 4  # of a batch array: [micro-batches, crops, patches, patch values]
 
 
 class DistributedError(ValueError):
@@ -68,29 +73,95 @@ def startup_lines(mesh: Mesh) -> list[str]:
             f"process {jax.process_index()}: mesh {describe_mesh(mesh)}"]
 
 
-def host_rows(mesh: Mesh, global_batch: int) -> slice:
-    """The rows of a global batch (examples) that this process loads: those its devices hold under the batch
-    sharding. Every host's slice has the same size."""
-    sharding = batch_shardings(mesh, {"x": np.empty((global_batch,), np.int8)})["x"]
-    if global_batch % jax.process_count():
-        raise MeshError(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
-    rows = sorted({idx[0].indices(global_batch)[:2] for idx in
-                   sharding.addressable_devices_indices_map((global_batch,)).values()})
-    start, stop = rows[0][0], rows[-1][1]
-    if stop - start != global_batch // jax.process_count():
-        raise MeshError(f"mesh {describe_mesh(mesh)} does not give each process a contiguous, equal share of the "
-                        f"batch; put the batch axes (data, fsdp) across hosts")
-    return slice(start, stop)
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """The result of `agree`, the same on every process."""
+
+    shapes: dict[str, tuple[int, ...]] | None  # what each batch array is padded to; None: some host has no batch
+    maxima: tuple[int, ...]
+    totals: tuple[int, ...]
 
 
-def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray], global_batch_size: int) -> dict[str, jax.Array]:
-    """Global arrays from this host's rows (`host_rows`) of every batch array. Arrays whose leading axis counts
-    crops or pooled tokens scale with the examples, so each host passes the rows of its own examples."""
-    share = global_batch_size // jax.process_count()
-    out: dict[str, Any] = {}
+def agree(mesh: Mesh, keys: Sequence[str], local: Mapping[str, np.ndarray] | None, maxima: Sequence[int] = (),
+          totals: Sequence[int] = (), axis: int = 0) -> Agreement:
+    """What all processes need to know before each step of a multi-host run, from one small all-gather.
+
+    `local` is this process's batch (arrays of `keys`), or None when its data ran out (then `shapes` is None on
+    every process). Hosts may pack their batches to different buckets, so each array is padded to the elementwise
+    max shape over the processes, with `axis` (examples, crops, pooled tokens) rounded up to split evenly over
+    the batch shards of each process. `maxima` / `totals` are small integers maxed / summed over the processes.
+    """
+    count = jax.process_count()
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if shards % count:
+        raise MeshError(f"mesh {describe_mesh(mesh)}: the batch axes (data x fsdp = {shards}) do not split over "
+                        f"{count} processes; put the batch axes across hosts")
+    dims = np.full((len(keys), _MAX_RANK + 1), -1, np.int32)  # per key: rank, then the shape (-1: absent)
+    for i, key in enumerate(keys):
+        if local is not None and key in local:
+            shape = np.shape(local[key])
+            if len(shape) > _MAX_RANK:
+                raise DistributedError(f"batch[{key!r}] has rank {len(shape)}; at most {_MAX_RANK} is supported")
+            dims[i, :len(shape) + 1] = (len(shape), *shape)
+    mine = np.concatenate([[local is not None], np.asarray(maxima, np.int32), np.asarray(totals, np.int32),
+                           dims.ravel()]).astype(np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, len(mine)]
+    has_batch, rest = every[:, 0], every[:, 1:]
+    agreed_maxima = tuple(int(x) for x in rest[:, :len(maxima)].max(axis=0))
+    agreed_totals = tuple(int(x) for x in rest[:, len(maxima):len(maxima) + len(totals)].sum(axis=0, dtype=np.int64))
+    if not has_batch.all():
+        return Agreement(None, agreed_maxima, agreed_totals)
+    dims = rest[:, len(maxima) + len(totals):].reshape(count, len(keys), _MAX_RANK + 1)
+    if (dims[:, :, 0] != dims[0, :, 0]).any():
+        differ = [k for i, k in enumerate(keys) if len(set(dims[:, i, 0])) > 1]
+        raise DistributedError(f"the processes' batches differ in their keys or ranks ({differ}); every host must "
+                               "run the same data pipeline")
+    per_process = shards // count
+    shapes = {}
+    for i, key in enumerate(keys):
+        rank = dims[0, i, 0]
+        if rank >= 0:
+            shape = [int(d) for d in dims[:, i, 1:rank + 1].max(axis=0)]
+            shape[axis] = -(-shape[axis] // per_process) * per_process
+            shapes[key] = tuple(shape)
+    return Agreement(shapes, agreed_maxima, agreed_totals)
+
+
+def global_batch(local: Mapping[str, np.ndarray],
+                 shardings: Callable[[dict[str, jax.ShapeDtypeStruct]], Mapping[str, NamedSharding]],
+                 axis: int = 0) -> dict[str, jax.Array]:
+    """Global arrays from this process's share of every batch array: `axis` (examples, crops, frames, pooled
+    tokens) holds only this process's own, which become one contiguous block of the global array (its rows
+    under the batch sharding). Pooling indices count this process's own crops / frames, so they are shifted by
+    the crops / frames of the blocks before it. Every process passes the same shapes (see `agree`);
+    `shardings` maps the global shapes to the batch shardings."""
+    count = jax.process_count()
+    spec = {k: jax.ShapeDtypeStruct(_resized(np.shape(v), axis, np.shape(v)[axis] * count), np.asarray(v).dtype)
+            for k, v in local.items()}
+    placement = shardings(spec)
+    starts = {k: _block_start(placement[k], spec[k].shape, axis, np.shape(v)[axis]) for k, v in local.items()}
+    out = {}
     for key, value in local.items():
         value = np.asarray(value)
-        shape = (value.shape[0] * global_batch_size // share, *value.shape[1:])
-        sharding = batch_shardings(mesh, {key: np.empty(shape, np.int8)})[key]
-        out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
+        pixels = POOLING.get(key)
+        if pixels in local:  # global index = local index + the patches of the crops / frames before this block
+            offset = starts[pixels] * np.shape(local[pixels])[axis + 1]
+            value = np.where(value >= 0, value + offset, -1).astype(value.dtype)
+        out[key] = jax.make_array_from_process_local_data(placement[key], value, spec[key].shape)
     return out
+
+
+def _resized(shape: tuple[int, ...], axis: int, size: int) -> tuple[int, ...]:
+    return (*shape[:axis], size, *shape[axis + 1:])
+
+
+def _block_start(sharding: NamedSharding, shape: tuple[int, ...], axis: int, size: int) -> int:
+    """Where this process's block of `size` starts along `axis` of a global array of `shape`; MeshError when the
+    sharding does not give this process one contiguous block of that size."""
+    spans = sorted({index[axis].indices(shape[axis])[:2]
+                    for index in sharding.addressable_devices_indices_map(shape).values()})
+    start, stop = spans[0][0], spans[-1][1]
+    if stop - start != size or any(a[1] < b[0] for a, b in zip(spans, spans[1:])):
+        raise MeshError(f"mesh {describe_mesh(sharding.mesh)} does not give each process a contiguous, equal share "
+                        f"of the batch; put the batch axes (data, fsdp) across hosts")
+    return start

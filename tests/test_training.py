@@ -1,5 +1,17 @@
-"""Training: kill-and-resume gives bit-identical losses, gradient accumulation equals one large batch, frozen
-params stay put, and bad configs / checkpoints / NaN losses fail with one clear message."""
+"""Training: kill-and-resume gives bit-identical losses, SIGTERM saves the step and resuming continues
+identically, gradient accumulation equals one large batch, frozen params stay put, and bad configs / checkpoints /
+NaN losses fail with one clear message.
+
+This file executed as a script is `train/train.py` training on the synthetic batches below (for the SIGTERM test).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import grain
 import jax
@@ -227,13 +239,18 @@ def test_release_configs_parse_and_resolve_their_presets():
     assert [g.warmup_steps for g in pre.optimizer.groups.values()] == [200, 2000, 2000]
 
 
-def test_train_script_reports_bad_config_in_one_line(capsys):
+def train_script():
+    """train/train.py as a module."""
     import importlib.util
-    from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parent.parent / "train/train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_train_script_reports_bad_config_in_one_line(capsys):
+    script = train_script()
     assert script.main(["--config", "tiny", "optimizer.connector.lrr=1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: unknown config key(s) ['lrr'] in optimizer.connector.")
@@ -241,24 +258,31 @@ def test_train_script_reports_bad_config_in_one_line(capsys):
     assert "training config 'no-such-config' not found" in capsys.readouterr().err
 
 
-def test_tensorboard_event_files_hold_the_scalars(tmp_path):
+def event_scalars(logdir: Path) -> dict[tuple[str, int], float]:
+    """`{(tag, step): value}` of every TensorBoard event file in `logdir`."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event
 
+    scalars = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        while data:  # TFRecord framing: length, its CRC, the record, its CRC
+            (n,) = struct.unpack("<Q", data[:8])
+            event = Event.FromString(data[12:12 + n])
+            scalars.update({(v.tag, event.step): v.simple_value for v in event.summary.value})
+            data = data[16 + n:]
+    return scalars
+
+
+def test_tensorboard_event_files_hold_the_scalars(tmp_path):
     from molmo2_jax.training.metrics import EventWriter
 
     writer = EventWriter(tmp_path)
     writer.scalars(7, {"train/loss": 1.5, "train/skipped": float("nan")})
     writer.close()
-    (path,) = tmp_path.glob("events.out.tfevents.*")
-    data, scalars = path.read_bytes(), {}
-    while data:  # TFRecord framing: length, its CRC, the record, its CRC
-        (n,) = struct.unpack("<Q", data[:8])
-        event = Event.FromString(data[12:12 + n])
-        scalars.update({(v.tag, event.step): v.simple_value for v in event.summary.value})
-        data = data[16 + n:]
-    assert scalars == {("train/loss", 7): 1.5}
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    assert event_scalars(tmp_path) == {("train/loss", 7): 1.5}
 
 
 def test_evaluation_gives_the_loss_the_step_reports(train_step):
@@ -285,3 +309,75 @@ def test_step_compiles_ahead_of_time_from_abstract_shapes(train_step):
     assert compiled.memory_analysis() is not None
     shardings = train_step.batch_shardings(spec)
     assert shardings["pixel_values"].spec[0] is None  # the micro-batch axis is never split
+
+
+# -- SIGTERM / Ctrl-C: save the step, exit cleanly, resume identically ---------------------------------------
+
+PREEMPT_SETTINGS = {"model": {"preset": "tiny"}, "steps": 6,
+                    "optimizer": {g: {"warmup_steps": 0, "lr": 1e-3} for g in ("connector", "vit", "llm")},
+                    "checkpoint": {"every": 100, "keep": 5}, "log": {"every": 1, "tensorboard": True}}
+
+
+def _train_script_on_synthetic_batches(config_path: str) -> int:
+    """What the subprocesses of the SIGTERM test run: train.py, with the synthetic batches as its data."""
+    jax.config.update("jax_default_matmul_precision", "highest")
+    jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "molmo2-jax" / "jax-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from molmo2_jax.training.run import run
+
+    script = train_script()
+    script.run = lambda config: run(config, batches=synthetic_batches(2))
+    return script.main(["--config", config_path])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
+    import yaml
+
+    from molmo2_jax.training.checkpointing import is_training_checkpoint
+    from molmo2_jax.training.run import run
+
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump({**PREEMPT_SETTINGS, "run_dir": str(tmp_path / "run")}))
+    command = [sys.executable, __file__, str(config_path)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        watchdog = threading.Timer(600, proc.kill)
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith("step 2/6"):
+                    proc.send_signal(signal.SIGTERM)
+                elif "received: saving step" in line:
+                    proc.send_signal(signal.SIGINT)  # a second signal while saving is ignored
+            proc.wait()
+        finally:
+            watchdog.cancel()
+            proc.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    stopped = re.fullmatch(r"train.py: SIGTERM received: stopped after step (\d+); saved (\S+) \(run again with "
+                           r"the same run_dir to resume\)", err.strip().splitlines()[-1])
+    assert stopped, err[-3000:]
+    step, saved = int(stopped[1]), Path(stopped[2])
+    assert 2 <= step < 6 and saved == tmp_path / "run" / "checkpoints" / str(step)
+    assert is_training_checkpoint(saved) and (saved / "data").is_dir()
+    assert sorted(int(p.name) for p in saved.parent.iterdir() if p.name.isdigit()) == [step]
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming from {saved}" in resumed.stdout
+
+    run(parse_train_config({**PREEMPT_SETTINGS, "run_dir": str(tmp_path / "reference")}),
+        batches=synthetic_batches(2), log=lambda _: None)
+    expected = event_scalars(tmp_path / "reference" / "tensorboard")
+    got = event_scalars(tmp_path / "run" / "tensorboard")
+    for s in range(1, 7):  # steps up to the interruption from the first process, the rest from the resumed one
+        for tag in ("train/loss", "train/grad_norm"):
+            assert got[(tag, s)] == expected[(tag, s)], (tag, s)
+
+
+if __name__ == "__main__":
+    sys.exit(_train_script_on_synthetic_batches(sys.argv[1]))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.connector import Connector
-from molmo2_jax.model.layers import DEFAULT_INIT, MaskInfo, rope_cos_sin, rope_inv_freq
+from molmo2_jax.model.layers import EMBED_INIT, MaskInfo, fan_in_init, rope_cos_sin, rope_inv_freq
 from molmo2_jax.model.text import Decoder, RopeTables
 from molmo2_jax.model.vision import VisionTransformer
 
@@ -32,9 +32,9 @@ class Molmo2(nn.Module):
         self.vision = VisionTransformer(c)
         self.connector = Connector(c)
         self.decoder = Decoder(c)
-        self.embedding = self.param("embedding", nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")),
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(EMBED_INIT, ("vocab", "embed")),
                                     (c.text.embedding_rows, c.text.hidden_size), c.param_dtype)
-        self.lm_head = self.param("lm_head", nn.with_logical_partitioning(DEFAULT_INIT, ("embed", "vocab")),
+        self.lm_head = self.param("lm_head", nn.with_logical_partitioning(fan_in_init(1), ("embed", "vocab")),
                                   (c.text.hidden_size, c.text.vocab_size), c.param_dtype)
 
     # -- vision -----------------------------------------------------------------------------------------

@@ -3,12 +3,29 @@ tanh-GELU MLPs and biased attention. Only the blocks up to the deepest feature l
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from molmo2_jax.config import Molmo2Config
-from molmo2_jax.model.layers import DEFAULT_INIT, LayerNorm, dense, dot_product_attention, stack_layers
+from molmo2_jax.model.layers import LayerNorm, dense, dot_product_attention, stack_layers
+
+
+def sincos_2d_init(key, shape, dtype=jnp.float32):
+    """A `[side * side, D]` position table holding 2-D sin-cos codes (x in the first half of D, y in the second).
+
+    Only a model trained from scratch sees this: it starts knowing where each patch is, which a small model
+    otherwise needs many steps to learn from a random table. Loaded checkpoints replace it."""
+    num, dim = shape
+    side = math.isqrt(num)
+    if side * side != num or dim % 4:
+        return nn.initializers.normal(stddev=0.02)(key, shape, dtype)
+    freqs = 1.0 / 10000 ** (jnp.arange(dim // 4) / (dim // 4))
+    y, x = jnp.meshgrid(jnp.arange(side), jnp.arange(side), indexing="ij")
+    codes = [f(c.reshape(-1, 1) * freqs) for c in (x, y) for f in (jnp.sin, jnp.cos)]
+    return jnp.concatenate(codes, axis=1).astype(dtype)
 
 
 class VisionBlock(nn.Module):
@@ -49,7 +66,7 @@ class VisionTransformer(nn.Module):
         v, dtype, pdtype = self.config.vision, self.config.dtype, self.config.param_dtype
         x = dense(v.hidden_size, ("vit_in", "vit_embed"), use_bias=True, dtype=dtype, param_dtype=pdtype,
                   name="patch_embed")(pixels.astype(dtype))
-        pos = self.param("pos_embed", nn.with_logical_partitioning(DEFAULT_INIT, ("vit_in", "vit_embed")),
+        pos = self.param("pos_embed", nn.with_logical_partitioning(sincos_2d_init, ("vit_in", "vit_embed")),
                          (v.num_patches, v.hidden_size), pdtype)
         x = x + pos.astype(dtype)[None]
         num_features = len(self.config.adapter.vit_layers)

@@ -2,8 +2,9 @@
 
     python train/train.py --config configs/train/tiny.yaml steps=20 optimizer.llm.lr=1e-4
 
-Layout of `run_dir`: `checkpoints/<step>/` (Orbax: state, data iterator, config) and `tensorboard/`.
-A run started again with the same run_dir resumes from its latest checkpoint.
+Layout of `run_dir`: `checkpoints/<step>/` (Orbax: state, data iterator of every process, config) and
+`tensorboard/`. A run started again with the same run_dir resumes from its latest checkpoint. On several
+processes each reads its own shard of the data (`data.batch_size` rows per host; the step sees all of them).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 
 from molmo2_jax.config import from_dict
+from molmo2_jax.distributed import startup_lines
 from molmo2_jax.params import flatten, init_params, param_shapes, unflatten
 from molmo2_jax.sharding import describe_mesh, make_mesh
 from molmo2_jax.training.checkpointing import (Checkpointer, is_training_checkpoint, read_step_config,
@@ -102,6 +104,9 @@ def run(train: TrainConfig, batches: Iterator[dict[str, np.ndarray]] | None = No
     primary = jax.process_index() == 0
     log = log or ((lambda line: print(line, flush=True)) if primary else (lambda _: None))
     mesh = make_mesh(train.mesh)
+    if jax.process_count() > 1:
+        for line in startup_lines(mesh):
+            print(line, flush=True)
     config = resolve_model_config(train)
     ts = make_train_step(config, train, mesh)
     log(f"mesh {describe_mesh(mesh)}; model {config.text.num_layers} LLM layers x {config.text.hidden_size}, "

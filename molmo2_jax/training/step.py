@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from molmo2_jax import distributed
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, unflatten
@@ -199,9 +200,12 @@ class TrainStep:
         return activate(self.mesh)
 
     def place_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-        """Check a host batch and put it on the mesh in its shardings."""
+        """Check a host batch and put it on the mesh in its shardings. With several processes, each passes its own
+        examples (padded to the shapes all agreed on, `distributed.agree`) and gets global arrays of all of them."""
         self.check_batch(batch)
-        return jax.device_put(dict(batch), self.batch_shardings(batch))
+        if jax.process_count() == 1:
+            return jax.device_put(dict(batch), self.batch_shardings(batch))
+        return distributed.global_batch(batch, self.batch_shardings, axis=1)
 
     def step(self, state: dict[str, Any], batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """One optimizer step (the state is donated: do not reuse the one passed in)."""
