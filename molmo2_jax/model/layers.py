@@ -13,16 +13,15 @@ import jax.numpy as jnp
 
 from molmo2_jax.config import RopeScaling
 
-# Token embeddings: unit variance (flax's nn.Embed default), so a text token is not swamped by the first
-# attention output, which at init averages over the (much larger, more numerous) visual tokens. With a small
-# embedding a model trained from scratch lowers its loss fastest by shutting the image out, and never looks.
+# Token embeddings: unit variance (flax's nn.Embed default), on the scale of the fan-in-initialised visual
+# tokens, so at init a text token is not swamped by the first attention output averaged over the image.
 EMBED_INIT = nn.initializers.normal(stddev=1.0)
 
 
 def fan_in_init(contract: int) -> nn.initializers.Initializer:
     """LeCun-normal over the first `contract` (input) dims of a kernel. A fixed 0.02 equals 1/sqrt(fan_in) only
     near width 2500: at small widths it shrinks the visual signal through the connector's chain of matmuls (and
-    its SwiGLU product) to ~1e-6 of the text embeddings, and a model trained from scratch never sees the image."""
+    its SwiGLU product) until an untrained tiny model's logits move by ~1e-6 of their spread with the image."""
     return lambda key, shape, dtype=jnp.float32: nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=tuple(range(contract)),
         out_axis=tuple(range(contract, len(shape))))(key, shape, dtype)

@@ -16,8 +16,8 @@ from molmo2_jax.model.layers import LayerNorm, dense, dot_product_attention, sta
 def sincos_2d_init(key, shape, dtype=jnp.float32):
     """A `[side * side, D]` position table holding 2-D sin-cos codes (x in the first half of D, y in the second).
 
-    Only a model trained from scratch sees this: it starts knowing where each patch is, which a small model
-    otherwise needs many steps to learn from a random table. Loaded checkpoints replace it."""
+    Only a model trained from scratch sees this (loaded checkpoints replace it): it starts knowing where each
+    patch is, as fixed sin-cos tables give ViTs trained from scratch."""
     num, dim = shape
     side = math.isqrt(num)
     if side * side != num or dim % 4:
