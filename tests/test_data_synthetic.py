@@ -12,7 +12,7 @@ from test_data_common import SMALL, synthetic_root  # noqa: F401  (fixture)
 
 from molmo2_jax.config import Molmo2Config, from_dict
 from molmo2_jax.data.spm import model_token_settings
-from molmo2_jax.data.synthetic import COLORS, make_spec, sample_frame_times
+from molmo2_jax.data.synthetic import COLORS, SyntheticConfig, make_spec, sample_frame_times
 from molmo2_jax.data.tfds_builder import EVAL_SPLIT, TRAIN_SPLIT, data_source, dataset_dir
 from molmo2_jax.grounding import format_points, parse, parse_count
 from molmo2_jax.preprocessing import Molmo2Processor
@@ -137,3 +137,32 @@ def test_score_accepts_the_true_answer_and_rejects_wrong_ones(task):
         wrong = format_points(g.label, moved, **({"video_size": SIZE} if task == "video_count" else
                                                 {"image_sizes": [SIZE]}))
     assert not score(task, wrong, truth)["points_correct"]
+
+
+@pytest.mark.parametrize("crop_size", [112, 130])
+def test_a_crop_the_processor_cannot_tile_is_refused_before_writing(tmp_path, crop_size):
+    from molmo2_jax.data.errors import DataError
+    from molmo2_jax.data.tfds_builder import build_synthetic
+
+    # 112 px is 8 patches, all of them inside the (4, 4) overlap margins; 130 px is not whole patches
+    with pytest.raises(DataError, match=f"crop size {crop_size} px"):
+        build_synthetic(tmp_path / "out", SMALL, crop_size=crop_size)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_flags_reach_the_config_and_bad_values_fail_with_one_line(tmp_path, capsys):
+    from molmo2_jax.cli import main
+
+    out = tmp_path / "set"
+    assert main(["build_synthetic", "--out", str(out), "--num-train", "20", "--num-eval", "4", "--image-size", "224",
+                 "--crop-size", "224", "--object-size", "40", "44", "--max-distractors", "0",
+                 "--vocab-size", "400"]) == 0
+    written = SyntheticConfig.from_json((out / "synthetic_config.json").read_text())
+    assert written.object_size == (40, 44) and written.max_distractors == 0
+    sizes = [o["size"] for i in range(20) for o in make_spec(written, "train", i)["objects"]]
+    assert sizes and all(40 <= s <= 44 for s in sizes)
+
+    capsys.readouterr()
+    assert main(["build_synthetic", "--out", str(tmp_path / "bad"), "--object-size", "50", "10"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "object_size" in err[0] and not (tmp_path / "bad").exists()

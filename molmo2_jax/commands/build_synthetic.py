@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--image-size", type=int, default=d.image_size, help="image / frame side in pixels")
     parser.add_argument("--max-count", type=int, default=d.max_count, help="objects of the asked kind: 0..N")
+    parser.add_argument("--max-distractors", type=int, default=d.max_distractors, help="objects of other kinds: 0..N")
+    parser.add_argument("--object-size", type=int, nargs=2, default=d.object_size, metavar=("MIN", "MAX"),
+                        help="side of an object's bounding box in pixels")
     parser.add_argument("--video-frames", type=int, default=d.video_frames)
     parser.add_argument("--tasks", default=None,
                         help='task weights as JSON, e.g. \'{"point": 0.5, "count": 0.5}\' (default: all tasks)')
@@ -37,15 +40,14 @@ def run(args: argparse.Namespace) -> int:
     from molmo2_jax.data.tfds_builder import build_synthetic, dataset_dir
 
     changes = {"num_train": args.num_train, "num_eval": args.num_eval, "seed": args.seed,
-               "image_size": args.image_size, "max_count": args.max_count, "video_frames": args.video_frames}
+               "image_size": args.image_size, "max_count": args.max_count, "max_distractors": args.max_distractors,
+               "object_size": tuple(args.object_size), "video_frames": args.video_frames}
     if args.tasks:
         try:
             tasks = json.loads(args.tasks)
             changes["task_weights"] = tuple((str(k), float(v)) for k, v in tasks.items())
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
             raise DataError(f"--tasks must be a JSON object of task -> weight, got {args.tasks!r}") from None
-    if args.crop_size % 14 or args.crop_size < 56:
-        raise DataError(f"--crop-size must be a multiple of 14 and at least 56, got {args.crop_size}")
     config = dataclasses.replace(SyntheticConfig(), **changes)
     out = build_synthetic(args.out, config, vocab_size=args.vocab_size, crop_size=args.crop_size,
                           max_crops=args.max_crops, overwrite=args.overwrite)

@@ -97,7 +97,12 @@ def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConf
     from molmo2_jax.data.errors import DataError
     from molmo2_jax.data.spm import train_sentencepiece, write_tokenizer_dir
     from molmo2_jax.data.synthetic import corpus
+    from molmo2_jax.preprocessing.image import ImageConfig
 
+    try:
+        ImageConfig(size=crop_size)  # the processor this writes must be able to tile
+    except ValueError as e:
+        raise DataError(str(e)) from None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a directory; choose another --out")

@@ -35,6 +35,14 @@ class ImageConfig:
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     rescale_factor: float = 1 / 255
 
+    def __post_init__(self):
+        # Tiles step by the crop minus both margins; with no patch left the tiling divides by zero.
+        inner = self.size // self.patch_size - sum(self.overlap_margins)
+        if self.size % self.patch_size or inner <= 0 or min(self.overlap_margins) < 0:
+            raise ValueError(f"image processor: crop size {self.size} px must be a multiple of patch_size "
+                             f"{self.patch_size} with patches left inside overlap_margins {self.overlap_margins} "
+                             f"(got {inner} patches); use a larger crop size or smaller margins")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImageConfig":
         """Build from a (released or transformers-saved) image/video processor config dict."""
