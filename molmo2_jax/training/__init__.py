@@ -11,5 +11,5 @@ from molmo2_jax.training.run import run
 from molmo2_jax.training.step import BatchError, TrainStep, make_train_step
 
 __all__ = ["BatchError", "Checkpointer", "DataExhaustedError", "NanLossError", "ResumeError", "TrainConfig",
-           "TrainConfigError", "TrainStep", "Trainer", "TrainingInterrupted", "initial_state", "load_train_config", "make_train_step",
-           "parse_train_config", "run"]
+           "TrainConfigError", "TrainStep", "Trainer", "TrainingInterrupted", "initial_state", "load_train_config",
+           "make_train_step", "parse_train_config", "run"]
