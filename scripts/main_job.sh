@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The main job on built-in data: build the synthetic grounding set, train the tiny model on it (CPU, about
 # 12 minutes on 2 cores), then score pointing, counting and tracking on the held-out split next to the
-# untrained model. Outputs go to data/ and runs/; a second run resumes or reuses what is there.
+# untrained model. Outputs go to data/ and runs/; a second run resumes the training run and keeps the data if it
+# was built with these settings (a set built with others, e.g. by an older checkout, is rebuilt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
-[ -d data/synthetic ] || .venv/bin/molmo2-jax build_synthetic --out data/synthetic --crop-size 224 --image-size 224 \
+.venv/bin/molmo2-jax build_synthetic --out data/synthetic --reuse --overwrite --crop-size 224 --image-size 224 \
     --object-size 32 48 --max-count 4 --max-distractors 2 --num-train 8000 \
     --tasks '{"point": 0.35, "count": 0.3, "caption": 0.05, "qa": 0.05, "track": 0.15, "video_count": 0.1}'
 $py train/train.py --config configs/train/tiny.yaml "$@"

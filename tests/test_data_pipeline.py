@@ -120,3 +120,23 @@ def test_restore_with_a_worker_process(synthetic_root):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     it.close()
     resumed.close()
+
+
+def test_a_ctrl_c_sent_to_the_process_group_leaves_the_workers_running(synthetic_root):
+    """A terminal's Ctrl-C (or a scheduler's SIGTERM) reaches the workers too; they leave it to the training loop,
+    which saves its step before stopping, instead of dying with a KeyboardInterrupt traceback."""
+    import multiprocessing
+    import os
+    import signal
+
+    config = _config(synthetic_root, num_workers=1, num_epochs=1, shuffle=False)
+    it = examples(config).__iter__()
+    names = [next(it)["name"]]
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+        os.kill(worker.pid, signal.SIGTERM)
+    names += [ex["name"] for ex in it]  # a worker killed by the signal would end this with an error
+    assert names == _names(dataclasses.replace(config, num_workers=0))
+    it.close()

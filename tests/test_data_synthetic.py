@@ -166,3 +166,24 @@ def test_cli_flags_reach_the_config_and_bad_values_fail_with_one_line(tmp_path, 
     assert main(["build_synthetic", "--out", str(tmp_path / "bad"), "--object-size", "50", "10"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "object_size" in err[0] and not (tmp_path / "bad").exists()
+
+
+def test_reuse_keeps_a_set_built_with_the_same_settings_and_names_what_differs(tmp_path, capsys):
+    from molmo2_jax.cli import main
+
+    out = tmp_path / "set"
+    args = ["build_synthetic", "--out", str(out), "--num-train", "12", "--num-eval", "4", "--image-size", "224",
+            "--crop-size", "224", "--vocab-size", "400", "--reuse"]
+    assert main(args) == 0
+    marker = out / "kept"
+    marker.write_text("")  # a rebuild would replace the whole directory
+
+    assert main(args) == 0 and marker.exists()
+
+    capsys.readouterr()
+    assert main([*args, "--crop-size", "252"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "crop_size 224 -> 252" in err[0] and marker.exists()
+
+    assert main([*args, "--crop-size", "252", "--overwrite"]) == 0 and not marker.exists()
+    assert json.loads((out / "build_settings.json").read_text())["crop_size"] == 252

@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SyntheticConfig()
     parser.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a set already in --out if it was built with these same settings")
     parser.add_argument("--num-train", type=int, default=d.num_train)
     parser.add_argument("--num-eval", type=int, default=d.num_eval)
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"--tasks must be a JSON object of task -> weight, got {args.tasks!r}") from None
     config = dataclasses.replace(SyntheticConfig(), **changes)
     out = build_synthetic(args.out, config, vocab_size=args.vocab_size, crop_size=args.crop_size,
-                          max_crops=args.max_crops, overwrite=args.overwrite)
+                          max_crops=args.max_crops, overwrite=args.overwrite, reuse=args.reuse)
     settings = model_token_settings(out / "tokenizer")
     print(f"dataset:   {dataset_dir(out)} (splits train={config.num_train}, validation={config.num_eval})")
     print(f"tokenizer: {out / 'tokenizer'}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -211,6 +212,13 @@ class SkipBadIterator(grain.DatasetIterator):
         self.seen, self.bad = state["seen"], state["bad"]
 
 
+def _leave_signals_to_the_parent(worker_index: int, worker_count: int) -> None:
+    """Ctrl-C and SIGTERM reach a worker too when they are sent to the process group (a terminal, a scheduler);
+    the training loop handles them (finishes its step, saves, stops) and then shuts the workers down itself."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def examples(config: PipelineConfig) -> grain.IterDataset:
     """Converted examples (bad ones skipped and counted), before packing."""
     ds = records(config).map(Convert(config))
@@ -222,7 +230,8 @@ def examples(config: PipelineConfig) -> grain.IterDataset:
         if not flags.FLAGS.is_parsed():  # Grain's worker start-up reads absl flags; outside absl.app use defaults
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
-                                                         per_worker_buffer_size=config.worker_buffer_size))
+                                                         per_worker_buffer_size=config.worker_buffer_size),
+                            worker_init_fn=_leave_signals_to_the_parent)
     return SkipBadIterDataset(ds, config.max_bad_fraction, config.min_examples_before_failing)
 
 

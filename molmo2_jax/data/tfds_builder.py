@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from molmo2_jax.data.synthetic import SyntheticConfig, make_example
 
 CONFIG_FILE = "synthetic_config.json"
+SETTINGS_FILE = "build_settings.json"  # everything the set was built from, for --reuse
 TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
 
 
@@ -84,13 +85,15 @@ def dataset_dir(root: str | Path) -> Path:
 
 
 def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(), *, vocab_size: int = 640,
-                    crop_size: int = 378, max_crops: int = 8, overwrite: bool = False) -> Path:
+                    crop_size: int = 378, max_crops: int = 8, overwrite: bool = False, reuse: bool = False) -> Path:
     """Build the synthetic set under `out_dir`: the TFDS dataset, `tokenizer/` (sentencepiece trained on the
     train split's text, with the processor configs) and `synthetic_config.json`.
 
     Everything is written under a temporary name and renamed at the end, so `out_dir` is either complete
-    or absent. Returns `out_dir`.
+    or absent. With `reuse`, a set already at `out_dir` built from the same settings is kept as it is; one
+    built from other settings is an error naming them (or is replaced, with `overwrite`). Returns `out_dir`.
     """
+    import json
     import shutil
     import tempfile
 
@@ -106,6 +109,16 @@ def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConf
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a directory; choose another --out")
+    settings = {**json.loads(config.to_json()), "vocab_size": vocab_size, "crop_size": crop_size,
+                "max_crops": max_crops}
+    if reuse and (out / SETTINGS_FILE).is_file():
+        built = json.loads((out / SETTINGS_FILE).read_text())
+        if built == settings:
+            return out
+        if not overwrite:
+            changed = ", ".join(f"{k} {built.get(k)} -> {v}" for k, v in settings.items() if built.get(k) != v)
+            raise DataError(f"{out} was built with other settings ({changed}); remove it, choose another --out "
+                            "or pass --overwrite")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +129,7 @@ def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConf
         build(tmp, config)
         shutil.rmtree(tmp / "downloads", ignore_errors=True)
         (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings) + "\n")
         tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
