@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 .venv/bin/molmo2-jax build_synthetic --out data/synthetic --reuse --overwrite --crop-size 224 --image-size 224 \
     --object-size 32 48 --max-count 4 --max-distractors 2 --num-train 8000 \
-    --tasks '{"point": 0.35, "count": 0.3, "caption": 0.05, "qa": 0.05, "track": 0.15, "video_count": 0.1}'
+    --tasks '{"point": 0.4, "count": 0.35, "caption": 0.05, "qa": 0.05, "track": 0.1, "video_count": 0.05}'
 $py train/train.py --config configs/train/tiny.yaml "$@"
 $py train/eval.py --run runs/tiny --data data/synthetic --limit 100 --out runs/tiny/eval.json
