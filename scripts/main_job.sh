@@ -6,8 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
+settings=data/synthetic/build_settings.json
+built_before=$(cat "$settings" 2>/dev/null || true)
 .venv/bin/molmo2-jax build_synthetic --out data/synthetic --reuse --overwrite --crop-size 224 --image-size 224 \
     --object-size 32 48 --max-count 4 --max-distractors 2 --num-train 8000 \
     --tasks '{"point": 0.4, "count": 0.35, "caption": 0.05, "qa": 0.05, "track": 0.1, "video_count": 0.05}'
+if [ -d runs/tiny ] && [ "$built_before" != "$(cat "$settings")" ]; then  # its tokenizer is gone: start afresh
+  rm -rf runs/tiny.old && mv runs/tiny runs/tiny.old
+  echo "data/synthetic was rebuilt with other settings; the run trained on the old set is now runs/tiny.old"
+fi
 $py train/train.py --config configs/train/tiny.yaml "$@"
 $py train/eval.py --run runs/tiny --data data/synthetic --limit 100 --out runs/tiny/eval.json

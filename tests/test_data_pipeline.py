@@ -122,7 +122,7 @@ def test_restore_with_a_worker_process(synthetic_root):
     resumed.close()
 
 
-def test_a_ctrl_c_sent_to_the_process_group_leaves_the_workers_running(synthetic_root):
+def test_workers_ignore_a_ctrl_c_sent_to_the_process_group(synthetic_root):
     """A terminal's Ctrl-C (or a scheduler's SIGTERM) reaches the workers too; they leave it to the training loop,
     which saves its step before stopping, instead of dying with a KeyboardInterrupt traceback."""
     import multiprocessing
@@ -130,7 +130,7 @@ def test_a_ctrl_c_sent_to_the_process_group_leaves_the_workers_running(synthetic
     import signal
 
     config = _config(synthetic_root, num_workers=1, num_epochs=1, shuffle=False)
-    it = examples(config).__iter__()
+    it = iter(examples(config))
     names = [next(it)["name"]]
     workers = multiprocessing.active_children()
     assert workers
