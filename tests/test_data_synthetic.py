@@ -187,3 +187,9 @@ def test_reuse_keeps_a_set_built_with_the_same_settings_and_names_what_differs(t
 
     assert main([*args, "--crop-size", "252", "--overwrite"]) == 0 and not marker.exists()
     assert json.loads((out / "build_settings.json").read_text())["crop_size"] == 252
+
+    (out / "build_settings.json").unlink()  # as a set built before the settings file existed
+    capsys.readouterr()
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no build_settings.json" in err[0] and (out / "tokenizer").is_dir()

@@ -120,6 +120,9 @@ def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConf
             raise DataError(f"{out} was built with other settings ({changed}); remove it, choose another --out "
                             "or pass --overwrite")
     if out.exists() and any(out.iterdir()) and not overwrite:
+        if reuse:  # e.g. a set from a version that wrote no settings file: nothing says how it was built
+            raise DataError(f"{out} has no {SETTINGS_FILE}, so it cannot be reused; remove it, choose another "
+                            "--out or pass --overwrite")
         raise DataError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
