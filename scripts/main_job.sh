@@ -16,4 +16,4 @@ if [ -d runs/tiny ] && [ "$built_before" != "$(cat "$settings")" ]; then  # its 
   echo "data/synthetic was rebuilt with other settings; the run trained on the old set is now runs/tiny.old"
 fi
 $py train/train.py --config configs/train/tiny.yaml "$@"
-$py train/eval.py --run runs/tiny --data data/synthetic --limit 100 --out runs/tiny/eval.json
+$py train/eval.py --run runs/tiny --data data/synthetic --out runs/tiny/eval.json
