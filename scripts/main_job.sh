@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on built-in data: build the synthetic grounding set, train the tiny model on it (CPU, about
-# 13.5 minutes on 2 cores), then score pointing, counting and tracking on the held-out split next to the
+# The main job on built-in data: build the synthetic grounding set, train the tiny model on it (CPU, 11.5 to
+# 14 minutes on 2 cores), then score pointing, counting and tracking on the held-out split next to the
 # untrained model. Outputs go to data/ and runs/; a second run resumes the training run and keeps the data if it
 # was built with these settings (a set built with others, e.g. by an older checkout, is rebuilt).
 set -euo pipefail
