@@ -2,6 +2,7 @@
 coordinator) train with the real loop, each feeding only its own examples: the logits of a global batch, the
 losses of every step and the params saved at the end equal those of one process training on the merged batches.
 SIGTERM on one process stops both after the same step, with its checkpoint (state and both data iterators) saved.
+Batches that differ between the hosts in their keys fail on both with one message.
 
 This file executed as a script is one of the two workers.
 """
@@ -128,6 +129,18 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
     result["next_micro_batch_is_step_4"] = bool(np.array_equal(next(fresh)["input_ids"],
                                                                _host_micro_batch(config, 6, process_id)["input_ids"]))
     params = {p: multihost_utils.process_allgather(x, tiled=True) for p, x in flatten(restored["params"]).items()}
+
+    # hosts whose pipelines disagree, and a mesh whose batch axes do not span the hosts, fail on every host
+    mine = _host_micro_batch(config, 0, process_id)
+    if process_id == 1:
+        mine["extra"] = mine["input_ids"]
+    result["errors"] = []
+    for bad_mesh, local in ((mesh, mine), (make_mesh({"tensor": 8}), mine),
+                            (mesh, {"input_ids": np.zeros((1,) * 5, np.int32)})):
+        try:
+            distributed.agree(bad_mesh, sorted({*mine, "extra"}), local)
+        except ValueError as e:
+            result["errors"].append(str(e))
     if process_id == 0:
         np.savez(Path(out_dir) / "arrays.npz", logits=logits, **{f"param:{p}": v for p, v in params.items()})
     (Path(out_dir) / f"result{process_id}.json").write_text(json.dumps(result))
@@ -176,6 +189,11 @@ def test_two_processes_match_single_process(tmp_path):
     assert sorted(p.name for p in (saved / "data").glob("process_*.json")) == ["process_0-of-2.json",
                                                                               "process_1-of-2.json"]
     assert results[0]["next_micro_batch_is_step_4"] and results[1]["next_micro_batch_is_step_4"]
+    for errors in (results[0]["errors"], results[1]["errors"]):
+        assert len(errors) == 3, errors
+        assert "the processes' batches differ in their keys or ranks (['extra'])" in errors[0]
+        assert "the batch axes (data x fsdp = 1) do not split over 2 processes" in errors[1]
+        assert "batch['input_ids'] has rank 5; at most 4 is supported" in errors[2]
 
     # the same training in this (single-device) process on the merged batches
     config = load_preset("tiny", OVERRIDES)
