@@ -2,7 +2,8 @@
 coordinator) train with the real loop, each feeding only its own examples: the logits of a global batch, the
 losses of every step and the params saved at the end equal those of one process training on the merged batches.
 SIGTERM on one process stops both after the same step, with its checkpoint (state and both data iterators) saved.
-Batches that differ between the hosts in their keys fail on both with one message.
+Batches that differ between the hosts in their keys, a mesh whose batch axes do not span the hosts and a batch
+array of unsupported rank fail on both hosts with one message.
 
 This file executed as a script is one of the two workers.
 """
