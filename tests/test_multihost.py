@@ -131,7 +131,8 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
                                                                _host_micro_batch(config, 6, process_id)["input_ids"]))
     params = {p: multihost_utils.process_allgather(x, tiled=True) for p, x in flatten(restored["params"]).items()}
 
-    # hosts whose pipelines disagree, and a mesh whose batch axes do not span the hosts, fail on every host
+    # hosts whose pipelines disagree, a mesh whose batch axes do not span the hosts and a rank-5 array fail on
+    # every host
     mine = _host_micro_batch(config, 0, process_id)
     if process_id == 1:
         mine["extra"] = mine["input_ids"]
