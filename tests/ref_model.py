@@ -73,14 +73,17 @@ def image_inputs(images: list[Image.Image], seed: int = 0) -> dict[str, np.ndarr
     return _with_masks(ids, {k: np.asarray(v) for k, v in processed.items()})
 
 
-def video_inputs(num_frames: int, seed: int = 0) -> dict[str, np.ndarray]:
+def video_inputs(num_frames: int, seed: int = 0, frame_special_tokens: bool = True) -> dict[str, np.ndarray]:
+    """One video with each frame wrapped in `<frame_start>`/`<frame_end>`, or, as the released Molmo2-4B/8B
+    processor files say (`use_frame_special_tokens: false`), in `<im_start>`/`<im_end>` like an image."""
+    start, end = (FRAME_START, FRAME_END) if frame_special_tokens else (IM_START, IM_END)
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 256, (num_frames, 48, 64, 3), dtype=np.uint8)
     processed = Molmo2VideoProcessor()(videos=[frames], do_sample_frames=False, fps=2.0, return_tensors="np")
     ids = text_ids(rng, 3)
     n, rows, cols = (int(x) for x in processed["video_grids"][0])
     for _ in range(n):
-        ids += text_ids(rng, 2) + [FRAME_START] + [IM_PATCH] * (rows * cols) + [FRAME_END]
+        ids += text_ids(rng, 2) + [start] + [IM_PATCH] * (rows * cols) + [end]
     ids += text_ids(rng, 4)
     return _with_masks(ids, {k: np.asarray(v) for k, v in processed.items()})
 
