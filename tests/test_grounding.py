@@ -420,7 +420,7 @@ def test_roundtrip_tracks_with_occlusions():
 
 def test_roundtrip_count_zero():
     text = format_count("unicorn", [], image_sizes=[(10, 10)])
-    assert text == NONE_ANSWER
+    assert text == format_count("unicorn", [], video_size=(10, 10)) == NONE_ANSWER
     assert parse(text) == [] and parse_count(text) == 0
 
 
@@ -443,6 +443,7 @@ def test_roundtrip_count_zero():
     (lambda: format_points("a", [Point(1, 1, image=2)], image_sizes=[(5, 5)]),
      "image index 2 is invalid"),
     (lambda: format_points("a", [Point(1, 1)], video_size=(5, 5)), "video_size"),
+    (lambda: format_points("a", [], image_sizes=[(5, 5)], video_size=(5, 5)), "video_size"),
     (lambda: format_points("a </points>", [Point(1, 1)]), "label"),
     (lambda: format_points("a", [Point(1, 1)], alt='say "hi"'), "alt"),
     (lambda: format_count("a", [Point(1, 1)], mode="points"), "mode must be"),

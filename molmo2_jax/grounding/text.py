@@ -293,7 +293,8 @@ def _point_groups(points: Sequence[Point], image_sizes: Sequence[Size] | None,
                   what: str) -> list[tuple[str, list[tuple[int, int]]]]:
     """The groups `points` are written in: (image number or timestamp, the group's points on the
     0..1000 scale sorted by (x, y)), in written order."""
-    is_video = frame_times is not None or (len(points) > 0 and points[0].time is not None)
+    is_video = frame_times is not None or (
+        points[0].time is not None if len(points) else video_size is not None)
     if (image_sizes if is_video else video_size) is not None:
         raise GroundingError(f"{what}: video points take video_size, image points take image_sizes")
     groups: dict[float, list[tuple[int, int]]] = {}
