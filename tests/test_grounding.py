@@ -1,4 +1,5 @@
-"""Grounding: parsing hand-written Molmo2 answers, formatting, round trips and drawing."""
+"""Grounding: parsing hand-written Molmo2 answers, formatting, agreement with the official html-v2
+formatter and extractors of allenai/molmo2, round trips and drawing."""
 
 import json
 import math
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from molmo2_jax.data.conversation import answer_text
+from molmo2_jax.data.errors import BadExampleError
 from molmo2_jax.grounding import (
     NONE_ANSWER,
     NO_TRACKS_ANSWER,
@@ -367,6 +370,16 @@ def test_parse_tracks_matches_the_official_extraction():
         (2, [(0.0, 100.0, 50.0), (0.5, 2.0, 2.0), (1.5, 104.0, 54.0)])]
 
 
+def test_manifest_video_answers_keep_empty_frames():
+    # The data pipeline writes a manifest's video points through the same formatter; its
+    # "frame_times" gives the frames without points their groups.
+    message = {"role": "assistant", "label": "dot", "format": "point_then_count", "frame_times": FRAME_TIMES,
+               "points": [{"x": p.x, "y": p.y, "t": p.time} for p in in_frames(FRAME_TIMES, FRAME_POINTS)]}
+    assert answer_text(message, [], (100, 100), "m") == OFFICIAL_POINTS["video point_then_count"][3]
+    with pytest.raises(BadExampleError, match=r"^m: format_points: frame_times must be a list"):
+        answer_text({**message, "frame_times": 0.5}, [], (100, 100), "m")
+
+
 # ---------------------------------------------------------------------------------------------
 # Round trips: format then parse gives the input back (up to the 0..1000 quantisation)
 
@@ -451,6 +464,7 @@ def test_roundtrip_count_zero():
      r"points\[0\]: time 0.5 is not one of frame_times"),
     (lambda: format_points("a", [], frame_times=[0.0, 0.5, 0.0]), "frame_times repeats 0.0"),
     (lambda: format_points("a", [], frame_times=[math.inf]), r"frame_times\[0\]: time must be"),
+    (lambda: format_points("a", [], frame_times=5), "frame_times must be a list of seconds, got 5"),
     (lambda: format_points("a", [Point(1, 1)], frame_times=[0.0]), "mixes image and video"),
     (lambda: format_points("a", [], image_sizes=[(5, 5)], frame_times=[0.0]), "video_size"),
     (lambda: format_tracks("a", [Track(1, [(0.5, 1, 1), (0.52, 2, 2)])]),

@@ -293,6 +293,11 @@ def _point_groups(points: Sequence[Point], image_sizes: Sequence[Size] | None,
                   what: str) -> list[tuple[str, list[tuple[int, int]]]]:
     """The groups `points` are written in: (image number or timestamp, the group's points on the
     0..1000 scale sorted by (x, y)), in written order."""
+    try:
+        frame_times = None if frame_times is None else list(frame_times)
+    except TypeError:
+        raise GroundingError(
+            f"{what}: frame_times must be a list of seconds, got {frame_times!r}") from None
     is_video = frame_times is not None or (
         points[0].time is not None if len(points) else video_size is not None)
     if (image_sizes if is_video else video_size) is not None:
@@ -317,7 +322,8 @@ def _point_groups(points: Sequence[Point], image_sizes: Sequence[Size] | None,
             if not isinstance(key, numbers.Integral) or key < 0 or (
                     image_sizes is not None and key >= len(image_sizes)):
                 n_sizes = "no" if image_sizes is None else len(image_sizes)
-                raise GroundingError(f"{where}: image index {key} is invalid ({n_sizes} image_sizes)")
+                raise GroundingError(
+                    f"{where}: image index {key} is invalid ({n_sizes} image_sizes)")
             size = None if image_sizes is None else image_sizes[key]
         groups.setdefault(key, []).append(_to_units(p.x, p.y, size, where))
     # Given frames keep their order, and their group when empty (as the official video formatter);
@@ -366,9 +372,9 @@ def format_count(
     frame_times: Sequence[float] | None = None,
     alt: str | None = None,
 ) -> str:
-    """A counting answer: "Counting the <points>…</points> shows a total of N." (point_then_count),
-    "There are N <points>…</points>." (count_then_point) or "N" (count); "There are none." for no
-    points."""
+    """A counting answer: "Counting the <points>…</points> shows a total of N."
+    (point_then_count), "There are N <points>…</points>." (count_then_point) or "N" (count);
+    "There are none." for no points."""
     if mode not in ("point_then_count", "count_then_point", "count"):
         raise GroundingError(f"format_count: mode must be point_then_count, count_then_point or "
                              f"count, got {mode!r}")
