@@ -196,8 +196,10 @@ def parse(
 
     Give `image_sizes` (one (w, h) per image, in prompt order) for image answers or `video_size`
     for video answers to get pixel coordinates; without sizes coordinates stay on the 0..1000
-    scale and groups are read as timestamps when they contain a '.'. Points outside the image are
-    dropped, as in the official eval. Malformed text yields whatever could be read.
+    scale and groups are read as timestamps when they contain a '.'. As in the official eval,
+    points outside the image are dropped and with a single image size every group is read on that
+    image; with several, a group whose number names no image is dropped. Malformed text yields
+    whatever could be read.
     """
     if image_sizes is not None and video_size is not None:
         raise GroundingError("parse: give image_sizes or video_size, not both")
