@@ -471,6 +471,9 @@ def test_roundtrip_count_zero():
      "object 1 already has a point at time 0.5"),
     (lambda: format_tracks("a", [Track(1, [(0.0, 1, 1)]), Track(1, [(0.5, 1, 1)])]),
      r"tracks\[1\] repeats object_id 1"),
+    (lambda: format_tracks("a", [Track(1, [(0.0, 1)])]),
+     r"tracks\[0\]\.points\[0\] must be \(time, x, y\), got \(0\.0, 1\)"),
+    (lambda: format_points("a", [], frame_times=["0.5"]), "time must be .* got '0.5'"),
     (lambda: format_tracks("a", [Track(1, [(0.0, 1, 11)])], video_size=(10, 10)),
      r"tracks\[0\]\.points\[0\]"),
 ])

@@ -273,7 +273,7 @@ def _to_units(x: float, y: float, size: Size | None, what: str) -> tuple[int, in
 
 def _format_time(t: float | None, what: str) -> str:
     if not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
-        raise GroundingError(f"{what}: time must be a non-negative number of seconds, got {t}")
+        raise GroundingError(f"{what}: time must be a non-negative number of seconds, got {t!r}")
     return "%0.1f" % t
 
 
@@ -408,8 +408,11 @@ def format_tracks(
         if track.object_id in seen_objects:
             raise GroundingError(f"format_tracks: tracks[{n}] repeats object_id {track.object_id}")
         seen_objects.add(track.object_id)
-        for k, (t, x, y) in enumerate(track.points):
+        for k, point in enumerate(track.points):
             what = f"format_tracks: tracks[{n}].points[{k}]"
+            if len(point) != 3:
+                raise GroundingError(f"{what} must be (time, x, y), got {point!r}")
+            t, x, y = point
             head = _format_time(t, what)
             if (head, track.object_id) in written:  # the parser would keep only one of them
                 raise GroundingError(f"{what}: object {track.object_id} already has a point at "
