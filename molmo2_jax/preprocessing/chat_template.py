@@ -223,7 +223,7 @@ class ChatTemplate:
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.TemplateError as e:
             message = " ".join(str(e.message).splitlines())
-            raise PromptError(f"messages: {message} (raised by {self.source})") from None
+            raise PromptError(f"messages: {message} (chat template {self.source})") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
