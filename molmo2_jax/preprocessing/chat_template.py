@@ -157,13 +157,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """transformers' `tojson` filter: plain json.dumps, no HTML escaping."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
     """The environment and globals transformers compiles chat templates with."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
-    # transformers' tojson: no HTML escaping, keyword options passed to json.dumps
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
@@ -194,19 +198,23 @@ def _normalize(messages: Sequence[Any]) -> list[dict[str, Any]]:
             raise PromptError(f"messages[{i}] must be a dict, got {type(message).__name__}")
         message = {k: v for k, v in message.items() if v is not None}
         if isinstance(message.get("content"), list):
-            message["content"] = [
-                {"type": "image", "url": part["image_url"].get("url", "") if isinstance(part["image_url"], dict)
-                 else part["image_url"]}
-                if isinstance(part, dict) and part.get("type") == "image_url" and "image_url" in part else part
-                for part in message["content"]]
+            message["content"] = [_hf_image_part(part) for part in message["content"]]
         out.append(_plain(message))
     return out
+
+
+def _hf_image_part(part: Any) -> Any:
+    """An OpenAI `{"type": "image_url", "image_url": {"url": ...}}` part as transformers rewrites it."""
+    if not (isinstance(part, dict) and part.get("type") == "image_url" and "image_url" in part):
+        return part
+    url = part["image_url"]
+    return {"type": "image", "url": url.get("url", "") if isinstance(url, dict) else url}
 
 
 class ChatTemplate:
     """A Jinja chat template, rendered with the environment and variables transformers uses."""
 
-    def __init__(self, text: str, source: str = "chat template", special_tokens: Mapping[str, str] | None = None):
+    def __init__(self, text: str, source: str = "<string>", special_tokens: Mapping[str, str] | None = None):
         self.source = source
         self.special_tokens = dict(special_tokens or {})
         try:
