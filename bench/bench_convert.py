@@ -4,8 +4,8 @@
 
 Builds a released-layout HF checkpoint with numpy + safetensors (no torch), then runs, each in its own
 subprocess sampling /proc/self/status every 10 ms:
-  ours-import   convert/hf_to_jax (HF -> our Orbax format)
-  ours-export   convert/jax_to_hf (our format -> HF shards)
+  ours-import   molmo2-jax convert (HF -> our Orbax format)
+  ours-export   molmo2-jax export (our format -> HF shards)
   reference     transformers from_pretrained + save_pretrained (the PyTorch world's load-and-save)
 and prints peak anonymous RSS (heap: what must fit in RAM), peak file-backed RSS (pages of memory-mapped files,
 which the kernel can write back and drop), the kernel's peak RSS (VmHWM, anonymous + file-backed, no sampling

@@ -87,7 +87,7 @@ class Molmo2Model:
 
 def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, **config_changes) -> Molmo2Model:
     """Load a Molmo2 checkpoint: a Hugging Face directory (released or transformers-native tensor names), a
-    directory written by `convert/hf_to_jax.py`, or a training run (its latest step) or step directory.
+    directory written by `molmo2-jax convert`, or a training run (its latest step) or step directory.
     `dtype` sets params and compute dtype; with a `mesh` every param is placed straight into its sharding."""
     from molmo2_jax.training.checkpointing import find_step_dir, read_step_config, restore_step_params
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from molmo2_jax.errors import Molmo2Error
+
 # Model inputs, in the order the model takes them.
 INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "video_patch_mask", "pixel_values",
               "image_token_pooling", "pixel_values_videos", "video_token_pooling", "position_ids", "segment_ids")
@@ -19,7 +21,7 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "video_patch_m
 IGNORED_KEYS = ("image_grids", "image_num_crops", "video_grids", "token_type_ids")
 
 
-class InputError(ValueError):
+class InputError(Molmo2Error):
     """Model inputs that cannot be run (unknown keys, inconsistent visual token counts, too long)."""
 
 

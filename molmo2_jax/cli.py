@@ -1,5 +1,10 @@
 """The `molmo2-jax` command. Each subcommand is a module in molmo2_jax/commands/ exposing `HELP`,
-`add_arguments(parser)` and `run(args) -> int`; modules are imported only when their command runs."""
+`add_arguments(parser)` and `run(args) -> int`; the module `a_b` is the command `a-b` (`a_b` works too).
+Modules are imported only when their command runs.
+
+Errors are handled here for every subcommand: a `Molmo2Error` (an input the user can fix) or an `OSError`
+(a file that cannot be read or written) is printed in one line with exit status 1 (or the command's
+`ERROR_EXIT_CODE`); any other exception is a bug and shows its traceback."""
 
 from __future__ import annotations
 
@@ -9,22 +14,25 @@ import pkgutil
 import sys
 
 import molmo2_jax.commands as commands
+from molmo2_jax.errors import Molmo2Error
 
 
-def _command_names() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+def command_names() -> list[str]:
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(commands.__path__)
+                  if not m.name.startswith("_"))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    names = _command_names()
+    names = command_names()
     parser = argparse.ArgumentParser(prog="molmo2-jax", description="Molmo2 vision-language models in JAX.")
     parser.add_argument("command", choices=names, help="subcommand")
-    if not argv or argv[0] not in names:
+    name = argv[0].replace("_", "-") if argv else None
+    if name not in names:
         parser.parse_args(argv[:1] or ["--help"])
         return 2
-    module = importlib.import_module(f"molmo2_jax.commands.{argv[0]}")
-    sub = argparse.ArgumentParser(prog=f"molmo2-jax {argv[0]}", description=module.HELP)
+    module = importlib.import_module(f"{commands.__name__}.{name.replace('-', '_')}")
+    sub = argparse.ArgumentParser(prog=f"molmo2-jax {name}", description=module.HELP)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     try:
@@ -32,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:  # our error classes derive from ValueError; file problems from OSError
-        print(f"molmo2-jax {argv[0]}: error: {e}", file=sys.stderr)
-        return 1
+    except (Molmo2Error, OSError) as e:
+        print(f"{sub.prog}: error: {e}", file=sys.stderr)
+        return getattr(module, "ERROR_EXIT_CODE", 1)
 
 
 if __name__ == "__main__":

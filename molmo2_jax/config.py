@@ -3,12 +3,13 @@
 `from_hf_config` reads both the released checkpoints' `config.json` (keys `vit_config`, `vit_layers`,
 `rope_theta`, `rope_scaling`, `qkv_bias`, `layer_norm_eps`, ...) and the transformers-native form
 (`vision_config`, `vision_feature_layer`, `rope_parameters`, ...). `to_hf_config` writes the released form.
-Presets live as YAML in configs/ and hold only what differs from the defaults here.
+Presets live as YAML in molmo2_jax/configs/ and hold only what differs from the defaults here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import re
 import typing
@@ -17,10 +18,12 @@ from typing import Any
 
 import yaml
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+from molmo2_jax.errors import Molmo2Error
+
+CONFIGS = importlib.resources.files("molmo2_jax") / "configs"  # packaged presets; train/: training recipes
 
 
-class ConfigError(ValueError):
+class ConfigError(Molmo2Error):
     """A configuration value or key a user supplied is invalid."""
 
 
@@ -232,15 +235,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def load_preset(name_or_path: str, overrides: list[str] = ()) -> Molmo2Config:
-    """A model preset by name (configs/NAME.yaml) or path, with dotted overrides."""
+def packaged_configs(folder: str = "") -> list[str]:
+    """Names of the YAML files shipped in molmo2_jax/configs/FOLDER (presets; `train`: training recipes)."""
+    return sorted(f.name.removesuffix(".yaml") for f in (CONFIGS / folder).iterdir() if f.name.endswith(".yaml"))
+
+
+def read_yaml(name_or_path: str | Path, folder: str, what: str) -> dict[str, Any]:
+    """A YAML mapping: a packaged config by NAME (molmo2_jax/configs/FOLDER/NAME.yaml) or a file by path."""
     path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIGS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
-        raise ConfigError(f"model preset {name_or_path!r} not found; known presets: {known}")
-    data = yaml.safe_load(path.read_text()) or {}
+    file = CONFIGS / folder / f"{name_or_path}.yaml" if not path.suffix else path
+    if not file.is_file():
+        raise ConfigError(f"{what} {str(name_or_path)!r} not found; give a YAML file or one of the packaged "
+                          f"names: {packaged_configs(folder)}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name_or_path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name_or_path}: a {what} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_preset(name_or_path: str, overrides: list[str] = ()) -> Molmo2Config:
+    """A model preset by name (molmo2_jax/configs/NAME.yaml) or path, with dotted overrides."""
+    data = read_yaml(name_or_path, "", "model preset")
     apply_overrides(data, list(overrides))
     return from_dict(Molmo2Config, data).validate()
 

@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.sharding import BATCH_AXES, MeshError, describe_mesh
 
 ENV = {"coordinator": "MOLMO2_COORDINATOR", "num_processes": "MOLMO2_NUM_PROCESSES",
@@ -28,7 +29,7 @@ POOLING = {"image_token_pooling": "pixel_values", "video_token_pooling": "pixel_
 _MAX_RANK = 4  # of a batch array: [micro-batches, crops, patches, patch values]
 
 
-class DistributedError(ValueError):
+class DistributedError(Molmo2Error):
     """Multi-process settings that are incomplete or inconsistent."""
 
 

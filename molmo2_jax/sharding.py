@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from molmo2_jax.errors import Molmo2Error
+
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits the params
 
@@ -59,7 +61,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(Molmo2Error):
     """A mesh specification does not fit the available devices or the model."""
 
 

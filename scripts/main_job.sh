@@ -2,22 +2,23 @@
 # The main job on built-in data: build the synthetic grounding set, train the tiny model on it (CPU, 11.5 to
 # 14 minutes on 2 cores), then score pointing, counting and tracking on the held-out split next to the
 # untrained model. Outputs go to data/ and runs/; a second run keeps the data if it was built with these
-# settings and resumes the training run if it was started with this configs/train/tiny.yaml (else both start
-# afresh).
+# settings and resumes the training run if it was started with this molmo2_jax/configs/train/tiny.yaml (else
+# both start afresh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=.venv/bin/python
+cli=.venv/bin/molmo2-jax
+tiny=molmo2_jax/configs/train/tiny.yaml
 settings=data/synthetic/build_settings.json
 built_before=$(cat "$settings" 2>/dev/null || true)
-.venv/bin/molmo2-jax build_synthetic --out data/synthetic --reuse --overwrite --crop-size 224 --image-size 224 \
+$cli build-synthetic --out data/synthetic --reuse --overwrite --crop-size 224 --image-size 224 \
     --object-size 32 48 --max-count 4 --max-distractors 2 --num-train 8000 \
     --tasks '{"point": 0.4, "count": 0.35, "caption": 0.05, "qa": 0.05, "track": 0.1, "video_count": 0.05}'
 # A run trained on other data (its tokenizer is gone) or with another tiny.yaml cannot be resumed: start afresh.
 if [ -d runs/tiny ] && { [ "$built_before" != "$(cat "$settings")" ] ||
-                         ! cmp -s configs/train/tiny.yaml runs/tiny/tiny.yaml; }; then
+                         ! cmp -s $tiny runs/tiny/tiny.yaml; }; then
   rm -rf runs/tiny.old && mv runs/tiny runs/tiny.old
-  echo "runs/tiny was trained on other data or with another configs/train/tiny.yaml; it is now runs/tiny.old"
+  echo "runs/tiny was trained on other data or with another $tiny; it is now runs/tiny.old"
 fi
-mkdir -p runs/tiny && cp configs/train/tiny.yaml runs/tiny/tiny.yaml
-$py train/train.py --config configs/train/tiny.yaml "$@"
-$py train/eval.py --run runs/tiny --data data/synthetic --out runs/tiny/eval.json
+mkdir -p runs/tiny && cp $tiny runs/tiny/tiny.yaml
+$cli train --config $tiny "$@"
+$cli eval-synthetic --run runs/tiny --data data/synthetic --out runs/tiny/eval.json

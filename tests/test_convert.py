@@ -1,7 +1,6 @@
-"""HF -> ours conversion (`convert/hf_to_jax.py`): identical params to a direct load, side files, progress, and
+"""HF -> ours conversion (`molmo2-jax convert`): identical params to a direct load, side files, progress, and
 one-line errors with nothing written for bad sources and destinations."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,16 +11,8 @@ from safetensors.numpy import load_file, save_file
 
 import molmo2_jax
 from molmo2_jax.checkpoint.convert import convert_hf_to_jax
+from molmo2_jax.cli import main
 from molmo2_jax.params import flatten
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "convert" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_converted_params_equal_direct_load(reference, tmp_path):
@@ -104,10 +95,10 @@ def test_bad_source_one_line_error_nothing_written(reference, tmp_path, capsys, 
     make, message = BAD_SOURCES[case]
     bad = make(src, tmp_path)
     out = tmp_path / "out" / "ckpt"
-    code = load_script("hf_to_jax").main([str(bad), str(out)])
+    code = main(["convert", str(bad), str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert err[-1].startswith("hf_to_jax.py: error: ") and message in err[-1], err
+    assert err[-1].startswith("molmo2-jax convert: error: ") and message in err[-1], err
     assert str(bad) in err[-1]  # names the offending directory or file
     assert not out.exists()
     assert not out.parent.exists() or not any(out.parent.iterdir())  # no temporary directory left behind
@@ -120,10 +111,9 @@ def test_non_empty_destination_refused_unless_overwrite(reference, tmp_path, cap
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    script = load_script("hf_to_jax")
-    assert script.main([str(src), str(dst)]) == 1
+    assert main(["convert", str(src), str(dst)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"hf_to_jax.py: error: {dst}: destination exists and is not empty (pass --overwrite to replace it)"
+    assert err == f"molmo2-jax convert: error: {dst}: destination exists and is not empty (pass --overwrite to replace it)"
     assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
-    assert script.main([str(src), str(dst), "--overwrite"]) == 0
+    assert main(["convert", str(src), str(dst), "--overwrite"]) == 0
     assert (dst / "molmo2_jax_config.json").is_file() and not (dst / "keep.txt").exists()

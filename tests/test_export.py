@@ -17,13 +17,13 @@ import torch
 from ref_model import image_inputs, random_image, reference_logits, text_ids
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from test_convert import load_script
 from transformers import Molmo2ForConditionalGeneration
 
 import molmo2_jax
 from molmo2_jax.checkpoint import converted
 from molmo2_jax.checkpoint.convert import convert_hf_to_jax
 from molmo2_jax.checkpoint.export import INDEX_FILE, export_to_hf
+from molmo2_jax.cli import main
 from molmo2_jax.config import to_dict
 from molmo2_jax.params import flatten, unflatten
 
@@ -170,12 +170,11 @@ def test_bad_inputs_one_line_errors_nothing_written(reference, tmp_path, capsys)
     if family != "qwen3":
         pytest.skip("input validation does not depend on the family")
     convert_hf_to_jax(src, tmp_path / "jax", log=None)
-    script = load_script("jax_to_hf")
 
     def run(*argv: str) -> str:
-        assert script.main(list(argv)) == 1
+        assert main(["export", *argv]) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("jax_to_hf.py: error: ")
+        assert err[-1].startswith("molmo2-jax export: error: ")
         return err[-1]
 
     dst = tmp_path / "dst"
@@ -204,7 +203,7 @@ def test_bad_inputs_one_line_errors_nothing_written(reference, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    assert script.main([str(tmp_path / "jax"), str(dst), "--overwrite"]) == 0
+    assert main(["export", str(tmp_path / "jax"), str(dst), "--overwrite"]) == 0
     assert (dst / INDEX_FILE).is_file() and not (dst / "keep.txt").exists()
 
 

@@ -2,7 +2,7 @@
 identically, gradient accumulation equals one large batch, frozen params stay put, and bad configs / checkpoints /
 NaN losses fail with one clear message.
 
-This file executed as a script is `train/train.py` training on the synthetic batches below (for the SIGTERM test).
+This file executed as a script is `molmo2-jax train` training on the synthetic batches below (for the SIGTERM test).
 """
 
 import os
@@ -224,9 +224,10 @@ def test_mixed_precision_keeps_fp32_master_weights(tmp_path):
 
 
 def test_release_configs_parse_and_resolve_their_presets():
-    from molmo2_jax.training.config import TRAIN_CONFIGS_DIR, model_config
+    from molmo2_jax.config import packaged_configs
+    from molmo2_jax.training.config import model_config
 
-    names = sorted(p.stem for p in TRAIN_CONFIGS_DIR.glob("*.yaml"))
+    names = packaged_configs("train")
     for model in ("4b", "8b", "o-7b"):
         assert {f"molmo2-{model}-{stage}" for stage in ("pretrain", "sft", "long-sft")} <= set(names)
     for name in names:
@@ -239,22 +240,14 @@ def test_release_configs_parse_and_resolve_their_presets():
     assert [g.warmup_steps for g in pre.optimizer.groups.values()] == [200, 2000, 2000]
 
 
-def train_script():
-    """train/train.py as a module."""
-    import importlib.util
+def test_train_command_reports_bad_config_in_one_line(capsys):
+    from molmo2_jax.cli import main
 
-    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parent.parent / "train/train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-def test_train_script_reports_bad_config_in_one_line(capsys):
-    script = train_script()
-    assert script.main(["--config", "tiny", "optimizer.connector.lrr=1"]) == 1
+    assert main(["train", "--config", "tiny", "optimizer.connector.lrr=1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("train.py: error: unknown config key(s) ['lrr'] in optimizer.connector.")
-    assert script.main(["--config", "no-such-config"]) == 1
+    assert len(err) == 1 and err[0].startswith("molmo2-jax train: error: unknown config key(s) ['lrr'] in "
+                                               "optimizer.connector.")
+    assert main(["train", "--config", "no-such-config"]) == 1
     assert "training config 'no-such-config' not found" in capsys.readouterr().err
 
 
@@ -318,16 +311,19 @@ PREEMPT_SETTINGS = {"model": {"preset": "tiny"}, "steps": 6,
                     "checkpoint": {"every": 100, "keep": 5}, "log": {"every": 1, "tensorboard": True}}
 
 
-def _train_script_on_synthetic_batches(config_path: str) -> int:
-    """What the subprocesses of the SIGTERM test run: train.py, with the synthetic batches as its data."""
+def _train_command_on_synthetic_batches(config_path: str) -> int:
+    """What the subprocesses of the SIGTERM test run: `molmo2-jax train`, with the synthetic batches as its data."""
     jax.config.update("jax_default_matmul_precision", "highest")
     jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "molmo2-jax" / "jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from molmo2_jax.training.run import run
+    import functools
+    import importlib
 
-    script = train_script()
-    script.run = lambda config: run(config, batches=synthetic_batches(2))
-    return script.main(["--config", config_path])
+    from molmo2_jax.cli import main
+
+    training_run = importlib.import_module("molmo2_jax.training.run")  # the module, not training.run the function
+    training_run.run = functools.partial(training_run.run, batches=synthetic_batches(2))
+    return main(["train", "--config", config_path])
 
 
 @pytest.mark.slow
@@ -358,7 +354,7 @@ def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
     err = (tmp_path / "stderr").read_text()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    stopped = re.fullmatch(r"train.py: SIGTERM received: stopped after step (\d+); saved (\S+) \(run again with "
+    stopped = re.fullmatch(r"molmo2-jax train: SIGTERM received: stopped after step (\d+); saved (\S+) \(run again with "
                            r"the same run_dir to resume\)", err.strip().splitlines()[-1])
     assert stopped, err[-3000:]
     step, saved = int(stopped[1]), Path(stopped[2])
@@ -380,4 +376,4 @@ def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.exit(_train_script_on_synthetic_batches(sys.argv[1]))
+    sys.exit(_train_command_on_synthetic_batches(sys.argv[1]))

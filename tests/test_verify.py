@@ -1,13 +1,13 @@
-"""`convert/verify.py`: passes for a faithful conversion, fails (exit 1) for different weights, and reports bad
+"""`molmo2-jax verify`: passes for a faithful conversion, fails (exit 1) for different weights, and reports bad
 input as one line (exit 2)."""
 
 import numpy as np
 import pytest
 from ref_model import make_reference
-from test_convert import load_script
 
 from molmo2_jax.checkpoint.convert import convert_hf_to_jax
 from molmo2_jax.checkpoint.verify import compare
+from molmo2_jax.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def converted_dir(reference, tmp_path_factory):
 @pytest.mark.slow
 def test_faithful_conversion_passes(reference, converted_dir, capsys):
     family, _, src = reference
-    assert load_script("verify").main(["--hf", str(src), "--jax", str(converted_dir)]) == 0
+    assert main(["verify", "--hf", str(src), "--jax", str(converted_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in out[1:5]}
     assert sorted(rows) == ["image", "text", "two_images", "video"]
@@ -35,7 +35,7 @@ def test_other_weights_fail(reference, tmp_path, capsys):
         pytest.skip("the verdict does not depend on the family")
     make_reference(tmp_path / "other_hf", family, seed=1)
     convert_hf_to_jax(tmp_path / "other_hf", tmp_path / "other", log=None)
-    code = load_script("verify").main(["--hf", str(src), "--jax", str(tmp_path / "other"), "--cases", "text"])
+    code = main(["verify", "--hf", str(src), "--jax", str(tmp_path / "other"), "--cases", "text"])
     out = capsys.readouterr().out.splitlines()
     assert code == 1
     assert "FAIL" in out[1] and out[-1].startswith("FAIL")
@@ -45,9 +45,9 @@ def test_bad_input_is_one_line(reference, tmp_path, capsys):
     family, _, src = reference
     if family != "qwen3":
         pytest.skip("input validation does not depend on the family")
-    assert load_script("verify").main(["--hf", str(tmp_path), "--jax", str(src)]) == 2
+    assert main(["verify", "--hf", str(tmp_path), "--jax", str(src)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"verify.py: error: {tmp_path}: not a Hugging Face Molmo2 checkpoint (config.json + *.safetensors)"]
+    assert err == [f"molmo2-jax verify: error: {tmp_path}: not a Hugging Face Molmo2 checkpoint (config.json + *.safetensors)"]
 
 
 def test_metrics():

@@ -17,11 +17,12 @@ from safetensors import SafetensorError, safe_open
 
 from molmo2_jax.checkpoint.table import NATIVE, RELEASED, UNUSED_VIT_BLOCK, Rule, active_rules, layer_count
 from molmo2_jax.config import ConfigError, Molmo2Config, from_hf_config
+from molmo2_jax.errors import Molmo2Error
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Molmo2Error):
     """A checkpoint directory or file is missing, corrupt, or does not match the model config."""
 
 

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from molmo2_jax.errors import Molmo2Error
+
 HELP = "answer a prompt about images or a video with a Molmo2 checkpoint (points, counts, tracks parsed / drawn)"
 
 
-class RequestError(ValueError):
+class RequestError(Molmo2Error):
     """A generate request that cannot run (conflicting or missing media, bad output path)."""
 
 

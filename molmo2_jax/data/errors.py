@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from molmo2_jax.errors import Molmo2Error
 
-class DataError(ValueError):
+
+class DataError(Molmo2Error):
     """A dataset, manifest or pipeline setting cannot be used."""
 
 

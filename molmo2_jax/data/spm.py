@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.preprocessing.tokenizer import MOLMO2_SPECIAL_TOKENS
 
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -27,7 +28,7 @@ TOKEN_FIELDS = {
 }
 
 
-class TokenizerTrainingError(ValueError):
+class TokenizerTrainingError(Molmo2Error):
     """The text given to train a tokenizer cannot produce the requested vocabulary."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from molmo2_jax.data.errors import DataError
 from molmo2_jax.grounding import Point, Track, format_count, format_points, format_tracks
 from molmo2_jax.preprocessing.video import sample_times
 
@@ -57,19 +58,19 @@ class SyntheticConfig:
         bad = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
         bad += [b for b in self.backgrounds if b not in BACKGROUNDS]
         if unknown or bad:
-            raise ValueError(f"SyntheticConfig: unknown tasks {unknown} / names {bad}; tasks are "
-                             f"{IMAGE_TASKS + VIDEO_TASKS}, colors {sorted(COLORS)}, shapes {SHAPES}, "
-                             f"backgrounds {sorted(BACKGROUNDS)}")
+            raise DataError(f"SyntheticConfig: unknown tasks {unknown} / names {bad}; tasks are "
+                            f"{IMAGE_TASKS + VIDEO_TASKS}, colors {sorted(COLORS)}, shapes {SHAPES}, "
+                            f"backgrounds {sorted(BACKGROUNDS)}")
         if self.max_count > 9 or self.object_size[1] * 3 > self.image_size:
-            raise ValueError(f"SyntheticConfig: max_count must be <= 9 and object_size at most a third of image_size; "
-                             f"got max_count={self.max_count}, object_size={self.object_size}, "
-                             f"image_size={self.image_size}")
+            raise DataError(f"SyntheticConfig: max_count must be <= 9 and object_size at most a third of image_size; "
+                            f"got max_count={self.max_count}, object_size={self.object_size}, "
+                            f"image_size={self.image_size}")
         small = {k: getattr(self, k) for k in ("num_train", "num_eval", "max_tracked", "video_frames", "video_fps")
                  if not getattr(self, k) >= (2 if k == "video_frames" else 1)}
         lo, hi = self.object_size
         if small or self.max_count < 0 or self.max_distractors < 0 or not 0 < lo <= hi:
-            raise ValueError(f"SyntheticConfig: {small or 'counts and object_size'} out of range (num_train, "
-                             f"num_eval, max_tracked >= 1; video_frames >= 2; 0 < object_size[0] <= object_size[1])")
+            raise DataError(f"SyntheticConfig: {small or 'counts and object_size'} out of range (num_train, "
+                            f"num_eval, max_tracked >= 1; video_frames >= 2; 0 < object_size[0] <= object_size[1])")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -25,13 +25,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from molmo2_jax.errors import Molmo2Error
+
 Size = tuple[float, float]  # (width, height) in pixels
 
 NONE_ANSWER = "There are none."
 NO_TRACKS_ANSWER = "No tracks available."
 
 
-class GroundingError(ValueError):
+class GroundingError(Molmo2Error):
     """Invalid input to a grounding formatter or drawing function; the message names the input."""
 
 

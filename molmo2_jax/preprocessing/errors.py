@@ -1,7 +1,9 @@
 """Errors a user can cause while preparing model inputs; each message names the offending input."""
 
+from molmo2_jax.errors import Molmo2Error
 
-class PreprocessingError(ValueError):
+
+class PreprocessingError(Molmo2Error):
     """Base class: bad input to the Molmo2 preprocessing pipeline."""
 
 

@@ -15,7 +15,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from molmo2_jax.preprocessing.errors import ImageLoadError
+from molmo2_jax.preprocessing.errors import ImageLoadError, PreprocessingError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
@@ -36,9 +36,10 @@ class ImageConfig:
         # Tiles step by the crop minus both margins; with no patch left the tiling divides by zero.
         inner = self.size // self.patch_size - sum(self.overlap_margins)
         if self.size % self.patch_size or inner <= 0 or min(self.overlap_margins) < 0:
-            raise ValueError(f"image processor: crop size {self.size} px must be a multiple of patch_size "
-                             f"{self.patch_size} with patches left inside overlap_margins {self.overlap_margins} "
-                             f"(got {inner} patches); use a larger crop size or smaller margins")
+            raise PreprocessingError(f"image processor: crop size {self.size} px must be a multiple of patch_size "
+                                     f"{self.patch_size} with patches left inside overlap_margins "
+                                     f"{self.overlap_margins} (got {inner} patches); use a larger crop size or "
+                                     "smaller margins")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImageConfig":
@@ -46,7 +47,7 @@ class ImageConfig:
         size = d.get("size", {"height": cls.size, "width": cls.size})
         if isinstance(size, dict):
             if size.get("height") != size.get("width"):
-                raise ValueError(f"Molmo2 needs a square crop size, got {size}")
+                raise PreprocessingError(f"Molmo2 needs a square crop size, got {size}")
             size = size["height"]
         kw: dict[str, Any] = {"size": int(size)}
         for key in ("patch_size", "max_crops"):

@@ -1,7 +1,7 @@
 """Training: config, optimizer (per-module AdamW), loss, the jitted train step, checkpoints, loop and metrics.
 
     from molmo2_jax.training import load_train_config, run
-    run(load_train_config("configs/train/tiny.yaml", ["steps=100"]))
+    run(load_train_config("tiny", ["steps=100"]))
 """
 
 from molmo2_jax.training.checkpointing import Checkpointer, ResumeError

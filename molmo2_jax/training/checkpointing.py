@@ -17,11 +17,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from molmo2_jax.config import Molmo2Config, from_dict, to_dict
+from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.params import param_shapes
 from molmo2_jax.training.config import CheckpointConfig, TrainConfig
 
 
-class ResumeError(ValueError):
+class ResumeError(Molmo2Error):
     """A checkpoint cannot be resumed by this run (different model shape, missing items)."""
 
 

@@ -1,8 +1,9 @@
-"""The training configuration: one YAML file (configs/train/NAME.yaml) plus dotted command-line overrides.
+"""The training configuration: one YAML file (a packaged recipe, molmo2_jax/configs/train/NAME.yaml, or a
+user's own) plus dotted command-line overrides.
 
 A YAML file holds only what differs from the defaults below; it is deep-merged onto them before parsing, so
 `optimizer.llm.lr=1e-5` changes one value and keeps the rest of its group. Unknown keys are an error that
-lists the valid ones. The `model` section is `preset` (configs/NAME.yaml), optionally `vocab_from` (a
+lists the valid ones. The `model` section is `preset` (molmo2_jax/configs/NAME.yaml), optionally `vocab_from` (a
 tokenizer directory whose vocabulary and special-token ids the model takes, for a model trained from scratch),
 and any `Molmo2Config` fields to change (`dtype`, `remat_policy`, `text.num_layers`, ...). `data` /
 `eval_data` are `molmo2_jax.data.PipelineConfig` fields (sources, buckets, batch_size, ...).
@@ -14,11 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from molmo2_jax.config import ConfigError, Molmo2Config, apply_overrides, from_dict, load_preset, to_dict
-
-TRAIN_CONFIGS_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "train"
+from molmo2_jax.config import ConfigError, Molmo2Config, apply_overrides, from_dict, load_preset, read_yaml, to_dict
 
 
 class TrainConfigError(ConfigError):
@@ -118,7 +115,7 @@ class TrainConfig:
         if self.init.kind == "llm_vit" and not (self.init.llm and self.init.vit):
             raise TrainConfigError("init.kind 'llm_vit' needs init.llm and init.vit (Hugging Face directories)")
         if self.init.kind != "molmo2" and not self.model.get("preset"):
-            raise TrainConfigError("model.preset is required (a configs/NAME.yaml model preset) unless "
+            raise TrainConfigError("model.preset is required (a model preset name or YAML path) unless "
                                    "init.kind is 'molmo2'")
         for name, group in self.optimizer.groups.items():
             if group.lr < 0 or group.warmup_steps < 0:
@@ -153,19 +150,12 @@ def parse_train_config(data: dict[str, Any]) -> TrainConfig:
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """configs/train/NAME.yaml (a path, or a NAME under configs/train) with `a.b=value` overrides."""
-    given = str(path)
-    path = Path(path)
-    if not path.suffix:
-        path = TRAIN_CONFIGS_DIR / f"{path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in TRAIN_CONFIGS_DIR.glob("*.yaml"))
-        raise TrainConfigError(f"training config {given!r} not found; known configs in {TRAIN_CONFIGS_DIR}: "
-                               f"{known}")
+    """A packaged training recipe by name (molmo2_jax/configs/train/NAME.yaml) or a YAML path, with `a.b=value`
+    overrides."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TrainConfigError(f"{path}: not valid YAML ({e})") from None
+        data = read_yaml(path, "train", "training config")
+    except ConfigError as e:
+        raise TrainConfigError(str(e)) from None
     return parse_train_config(apply_overrides(data, list(overrides)))
 
 

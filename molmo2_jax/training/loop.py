@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from molmo2_jax import distributed
+from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.training.checkpointing import Checkpointer
 from molmo2_jax.training.metrics import EventWriter, peak_tflops, progress_line, train_flops
 from molmo2_jax.training.step import MODEL_KEYS, TARGET_KEYS, TrainStep
@@ -30,15 +31,15 @@ from molmo2_jax.training.step import MODEL_KEYS, TARGET_KEYS, TrainStep
 STEP_KEYS = MODEL_KEYS + TARGET_KEYS
 
 
-class NanLossError(RuntimeError):
+class NanLossError(Molmo2Error):
     """The loss became NaN or infinite; the run stopped."""
 
 
-class DataExhaustedError(RuntimeError):
+class DataExhaustedError(Molmo2Error):
     """The training data ran out before the last step."""
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Molmo2Error):
     """SIGTERM or SIGINT stopped the run after a step whose checkpoint was saved; `exit_code` is 128 + signal."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None):

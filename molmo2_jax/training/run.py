@@ -1,6 +1,6 @@
 """One training run from a TrainConfig: mesh, model config, data, starting point or resume, then the loop.
 
-    python train/train.py --config configs/train/tiny.yaml steps=20 optimizer.llm.lr=1e-4
+    molmo2-jax train --config tiny steps=20 optimizer.llm.lr=1e-4
 
 Layout of `run_dir`: `checkpoints/<step>/` (Orbax: state, data iterator of every process, config) and
 `tensorboard/`. A run started again with the same run_dir resumes from its latest checkpoint. On several

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from molmo2_jax import distributed
 from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # the model inputs of a batch
 from molmo2_jax.config import Molmo2Config
+from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, unflatten
 from molmo2_jax.sharding import activate, batch_shardings, make_mesh, param_shardings
@@ -40,7 +41,7 @@ from molmo2_jax.training.optimizer import FROZEN, make_optimizer, param_labels, 
 TARGET_KEYS = ("target_ids", "loss_weights")
 
 
-class BatchError(ValueError):
+class BatchError(Molmo2Error):
     """A training batch that does not follow the batch contract."""
 
 

@@ -1,26 +1,25 @@
-"""Evaluate a trained run on the held-out synthetic grounding split, next to the untrained model.
-
-    python train/eval.py --run runs/tiny --data data/synthetic [--limit 200] [--out results.json]
-"""
+"""`molmo2-jax eval-synthetic --run runs/tiny --data data/synthetic [--limit 200] [--out results.json]`: evaluate
+a trained run on the held-out synthetic grounding split, next to the untrained model."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+HELP = "evaluate a trained run on the held-out synthetic grounding split, next to the untrained model"
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="training run directory (its latest step is used)")
-    parser.add_argument("--data", required=True, help="synthetic dataset directory (molmo2-jax build_synthetic)")
+    parser.add_argument("--data", required=True, help="synthetic dataset directory (molmo2-jax build-synthetic)")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--out", help="write metrics and answers as JSON here")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     import molmo2_jax
     from molmo2_jax.api import Molmo2Model
     from molmo2_jax.data.tfds_builder import data_source, dataset_dir
@@ -28,13 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     from molmo2_jax.params import init_params
     from molmo2_jax.preprocessing import Molmo2Processor
 
-    try:
-        trained = molmo2_jax.load(args.run)
-        processor = Molmo2Processor.from_pretrained(Path(args.data) / "tokenizer")
-        source = data_source(dataset_dir(args.data), args.split)
-    except (ValueError, OSError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 1
+    trained = molmo2_jax.load(args.run)
+    processor = Molmo2Processor.from_pretrained(Path(args.data) / "tokenizer")
+    source = data_source(dataset_dir(args.data), args.split)
     records = [source[i] for i in range(min(len(source), args.limit or len(source)))]
     untrained = Molmo2Model(trained.config, init_params(trained.config, seed=0))
     results = {}
@@ -45,7 +40,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
