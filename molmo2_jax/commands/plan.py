@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import math
 
+# (ViT crops, pooled visual tokens) of one image per sequence: tiled 2x4 (the released default), or 1x1 where
+# that does not fit in --seq
+DEFAULT_IMAGES = ((9, 1162), (2, 392))
+
 HELP = ("Compile the training step for a model, mesh and batch from abstract shapes on simulated CPU devices "
         "(nothing is allocated) and print per-device memory and FLOPs next to an analytic estimate.")
 
@@ -19,9 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="simulated device count (default: the mesh size; needed when an axis is -1)")
     parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per optimizer step)")
     parser.add_argument("--seq", type=int, required=True, help="tokens per sequence")
-    parser.add_argument("--crops", type=int, default=9, help="ViT crops or video frames per sequence (default 9)")
-    parser.add_argument("--tokens", type=int, default=1162,
-                        help="pooled visual tokens per sequence (default 1162, a 2x4-tiled image)")
+    parser.add_argument("--crops", type=int, help="ViT crops or video frames per sequence (default 9, a 2x4-tiled "
+                        "image; 2, a 1x1-tiled one, where --seq is below 1162)")
+    parser.add_argument("--tokens", type=int, help="pooled visual tokens per sequence (default 1162, a 2x4-tiled "
+                        "image; 392, a 1x1-tiled one, where --seq is below 1162)")
     parser.add_argument("--pool", type=int, default=4, help="patches per pooled token: 4 images, 9 video")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                         help="compute dtype (params and optimizer state stay float32)")
@@ -55,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from molmo2_jax.sharding import make_mesh
 
     config = load_preset(args.model, [f"dtype={args.dtype}", f"remat_policy={args.remat}", *args.overrides])
-    work = Workload(batch=args.batch, seq=args.seq, crops=args.crops, tokens=args.tokens, pool=args.pool)
+    crops, tokens = next((image for image in DEFAULT_IMAGES if image[1] <= args.seq), DEFAULT_IMAGES[-1])
+    work = Workload(batch=args.batch, seq=args.seq, crops=crops if args.crops is None else args.crops,
+                    tokens=tokens if args.tokens is None else args.tokens, pool=args.pool)
     mesh = make_mesh(spec)
     print(format_report(args.model, config, mesh, work, plan(config, mesh, work)), flush=True)
     return 0
