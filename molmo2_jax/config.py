@@ -250,7 +250,7 @@ def read_yaml(name_or_path: str | Path, folder: str, what: str) -> dict[str, Any
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name_or_path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{name_or_path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{name_or_path}: a {what} must be a YAML mapping, got {type(data).__name__}")
     return data

@@ -57,8 +57,9 @@ def test_bad_presets_are_one_clear_error(tmp_path, text, message):
     if text is not None:
         name = tmp_path / "bad.yaml"
         name.write_text(text)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
         load_preset(str(name))
+    assert "\n" not in str(error.value)
     with pytest.raises(TrainConfigError, match=message.replace("model preset", "training config")
                        .replace("'molmo2-8b'", "'molmo2-8b-sft'")):
         load_train_config(name)
