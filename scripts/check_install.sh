@@ -21,7 +21,9 @@ purelib "$base" > "$(purelib "$work/env")/dependencies.pth"
 cd "$work"
 env/bin/python -c 'import molmo2_jax, sys; assert molmo2_jax.__file__.startswith(sys.prefix), molmo2_jax.__file__'
 env/bin/python -c 'from molmo2_jax.training.config import load_train_config; load_train_config("molmo2-8b-sft")'
-JAX_PLATFORMS=cpu env/bin/molmo2-jax plan --model molmo2-8b --mesh fsdp=8 --batch 8 --seq 1024 text.num_layers=2
+# plan compiles the step in 1-2 minutes; the tests' persistent compilation cache makes a rerun take seconds
+JAX_PLATFORMS=cpu JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/molmo2-jax/jax-cache}" \
+    env/bin/molmo2-jax plan --model molmo2-8b --mesh fsdp=8 --batch 8 --seq 1024 text.num_layers=2
 env/bin/molmo2-jax build-synthetic --out synthetic --num-train 12 --num-eval 4 --image-size 224 --crop-size 224 \
     --vocab-size 400
 echo "clean install: ok"
