@@ -160,4 +160,4 @@ def tracking_set():
         (empty, "No tracks available."),
         (empty, '<tracks coords="0.0 1 200 200">players</tracks>'),
     ]
-    return [r for r, _ in rows_answers], [a for _, a in rows_answers]
+    return [dict(r, id=f"{r['id']}-{n}") for n, (r, _) in enumerate(rows_answers)], [a for _, a in rows_answers]

@@ -202,10 +202,13 @@ def read_examples(task: str, data: str | Path, media: str | Path | None = None, 
     reader = {"pointing": _pointing, "point_bench": _point_bench, "count": _count, "video_count": _video_count,
               "video_pointing": _video_pointing,
               "tracking": lambda row, m: _tracking(row, m, sampling_fps)}[task]
-    examples, skipped = [], []
+    examples, skipped, seen = [], [], set()
     for n, row in enumerate(rows):
         example_id = str(row.get("id", row.get("example_id", n)))
         try:
+            if example_id in seen:
+                raise ValueError("an earlier row has the same id")
+            seen.add(example_id)
             examples.append(Example(example_id, reader(row, media)))
         except MaskSizeError as e:
             raise DatasetError(f"{data}: row {n} (id {example_id}): {e}") from None

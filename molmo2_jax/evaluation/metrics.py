@@ -282,3 +282,14 @@ def score_tracking(truths: Sequence[TrackTruth], texts: Sequence[str]) -> dict[s
         chosen = [e for t, e in zip(truths, per_example) if t.category == category]
         out.update({f"{k}_{category}": _mean([e[k] for e in chosen]) for k in keys})
     return out
+
+
+TASKS = ("pointing", "point_bench", "count", "video_count", "video_pointing", "tracking")
+
+
+def score(task: str, truths: Sequence[Any], texts: Sequence[str]) -> dict[str, Any]:
+    """The metrics of `task` (one of TASKS) for truths as `datasets.read_examples` gives them."""
+    if task == "video_count":
+        return score_video_count([c for c, _ in truths], [k for _, k in truths], texts)
+    return {"pointing": score_pointing, "point_bench": score_point_bench, "count": score_count,
+            "video_pointing": score_video_pointing, "tracking": score_tracking}[task](truths, texts)
