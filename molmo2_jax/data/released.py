@@ -10,8 +10,8 @@ manifest records (docs/data.md) the data pipeline reads.
 
 Images are found in the media directory by the row's `image` path, its sha256 (a file named
 `<sha256>` with any extension, as Ai2's download script saves them) or its URL's file name; videos
-as `<video_id>.*` or `<clip>.*`. Prompts are one fixed template per task (the official pipeline
-samples from template lists). A row that cannot be used is skipped with its id and the reason.
+as `<video_id>.*` or `<clip>.*`. Prompts are the first of the official template list of each task
+(the official pipeline samples one). A row that cannot be used is skipped with its id and the reason.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def molmo2_videotrack(row: dict, media: Path, style: str, sampling_fps: int = 2)
         if points:
             tracks.append({"id": n, "points": points})
     return {"video": str(_find(media, row["clip"])), "messages": [
-        {"role": "user", "content": f"Track {row['exp']}."},
+        {"role": "user", "content": f"Track {row['exp']} in {sampling_fps} FPS."},
         {"role": "assistant", "label": row["exp"], "tracks": tracks}]}
 
 

@@ -36,8 +36,14 @@ class MaskSizeError(ValueError):
 
 @dataclass
 class Example:
+    """One evaluation example: its truth for the metrics and, when the media directory has them, the
+    question and media a model is asked (`eval`)."""
+
     id: str
     truth: Any
+    question: str = ""
+    image: Path | None = None
+    video: Path | None = None
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -187,6 +193,36 @@ def _tracking(row: dict, media: Path | None, sampling_fps: int) -> metrics.Track
                               fps, TRACK_CATEGORIES.get(row.get("video_dataset")))
 
 
+def _find_video(media: Path | None, *names: str | None) -> Path | None:
+    if media is None:
+        return None
+    for name in names:
+        if name:
+            found = sorted(p for p in media.glob(f"{name}.*") if p.is_file())
+            if found:
+                return found[0]
+    return None
+
+
+def _prompt(task: str, row: dict, media: Path | None, sampling_fps: int) -> tuple[str, Path | None, Path | None]:
+    """(question, image, video) a model is asked for `row`, as the official eval asks them (the first
+    of the official prompt templates where it samples one)."""
+    if task == "pointing":
+        return (f"Point to {row.get('label', '')}\nPlease say 'There are none.' if it is not in the image.",
+                _find_image(row, media), None)
+    if task == "point_bench":
+        image = media / "selected_images" / row["category"] / row["image_filename"] if media else None
+        return row.get("user_input", ""), image, None
+    if task == "count":
+        return row.get("question") or f"How many {row.get('label', '')} are there?", _find_image(row, media), None
+    if task == "video_count":
+        return row.get("question", ""), None, _find_video(media, row.get("video_id"))
+    if task == "video_pointing":
+        return f'How many "{row.get("label", "")}" are there in the video?', None, _find_video(media, row.get("video_id"))
+    return (f"Track {row.get('exp', '')} in {sampling_fps} FPS.", None,
+            _find_video(media, row.get("clip"), row.get("video")))
+
+
 def read_examples(task: str, data: str | Path, media: str | Path | None = None, *, sampling_fps: int = 1,
                   log: Callable[[str], None] | None = print) -> tuple[list[Example], list[tuple[str, str]]]:
     """The task's examples from the data file, and (id, reason) of the rows skipped."""
@@ -209,7 +245,7 @@ def read_examples(task: str, data: str | Path, media: str | Path | None = None, 
             if example_id in seen:
                 raise ValueError("an earlier row has the same id")
             seen.add(example_id)
-            examples.append(Example(example_id, reader(row, media)))
+            examples.append(Example(example_id, reader(row, media), *_prompt(task, row, media, sampling_fps)))
         except MaskSizeError as e:
             raise DatasetError(f"{data}: row {n} (id {example_id}): {e}") from None
         except (ValueError, KeyError, TypeError) as e:

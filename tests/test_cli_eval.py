@@ -1,0 +1,81 @@
+"""`molmo2-jax eval` on a tiny checkpoint over a set in the pixmo-points-eval schema: predictions are the
+model's greedy answers, a killed run resumes where it stopped and ends with the same predictions."""
+
+import json
+
+import pytest
+import torch
+from ref_model import random_image, tiny_config
+from ref_tokenizer import CONFIG_TOKEN_IDS, make_tokenizer_dir
+from test_generation import enliven
+from transformers import Molmo2ForConditionalGeneration
+
+import eval_fixtures as F
+from molmo2_jax.cli import main
+from molmo2_jax.commands import eval as eval_command
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval_ckpt")
+    ids = CONFIG_TOKEN_IDS["qwen3"]
+    config = tiny_config("qwen3", vocab_size=ids["vocab_size"], additional_vocab_size=ids["additional_vocab_size"])
+    for key, value in ids.items():
+        if key not in ("vocab_size", "additional_vocab_size"):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    model = Molmo2ForConditionalGeneration(config).eval()
+    enliven(model)
+    model.save_pretrained(path)
+    make_tokenizer_dir(path, "qwen3")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pixmo_points_eval")
+    rows, _ = F.pointing_set()
+    rows = [dict(r, image=f"{n}.png") for n, r in enumerate(rows[:3])]
+    for n in range(3):
+        random_image(F.W, F.H, n).save(d / f"{n}.png")
+    (d / "test.json").write_text(json.dumps(rows))
+    return d
+
+
+def _eval(checkpoint, dataset, out, capsys):
+    code = main(["eval", "--checkpoint", str(checkpoint), "--task", "pointing", "--data", str(dataset / "test.json"),
+                 "--media", str(dataset), "--out", str(out), "--max-new-tokens", "6"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_eval_writes_answers_and_resumes_after_a_kill(checkpoint, dataset, tmp_path, capsys, monkeypatch):
+    code, out, err = _eval(checkpoint, dataset, tmp_path / "full", capsys)
+    assert code == 0 and "3/3" in err and "examples/s" in err
+    full = (tmp_path / "full" / "predictions.jsonl").read_text()
+    assert [json.loads(line)["id"] for line in full.splitlines()] == ["0", "1", "2"]
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == json.loads(out)
+
+    real_ask, asked = eval_command._ask, []
+
+    def ask_then_die(*args):  # killed while answering the second example
+        if len(asked) == 1:
+            raise KeyboardInterrupt
+        asked.append(args[2].id)
+        return real_ask(*args)
+
+    monkeypatch.setattr(eval_command, "_ask", ask_then_die)
+    code, _, _ = _eval(checkpoint, dataset, tmp_path / "killed", capsys)
+    predictions = tmp_path / "killed" / "predictions.jsonl"
+    assert code == 130 and not (tmp_path / "killed" / "metrics.json").exists()
+    with predictions.open("a") as f:
+        f.write('{"id": "1", "predic')  # a line cut off by the kill
+
+    asked.clear()
+    monkeypatch.setattr(eval_command, "_ask", lambda *args: asked.append(args[2].id) or real_ask(*args))
+    code, out, _ = _eval(checkpoint, dataset, tmp_path / "killed", capsys)
+    assert code == 0 and asked == ["1", "2"]  # only what the first run had not finished
+    assert predictions.read_text() == full
+    assert json.loads(out) == json.loads((tmp_path / "full" / "metrics.json").read_text())
