@@ -1,9 +1,10 @@
-"""`molmo2-jax eval` on a tiny checkpoint over a set in the pixmo-points-eval schema: predictions are the
-model's greedy answers, a killed run resumes where it stopped and ends with the same predictions."""
+"""`molmo2-jax eval` on a tiny checkpoint over sets in the pixmo-points-eval and Molmo2-VideoPointEval
+schemas: a killed run resumes where it stopped and ends with the predictions of an uninterrupted run."""
 
 import json
 
 import pytest
+import numpy as np
 import torch
 from ref_model import random_image, tiny_config
 from ref_tokenizer import CONFIG_TOKEN_IDS, make_tokenizer_dir
@@ -33,20 +34,41 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pixmo_points_eval")
-    rows, _ = F.pointing_set()
-    rows = [dict(r, image=f"{n}.png") for n, r in enumerate(rows[:3])]
-    for n in range(3):
-        random_image(F.W, F.H, n).save(d / f"{n}.png")
+def _write_video(path, seed):
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = F.W, F.H, "yuv420p"
+        for _ in range(4):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (F.H, F.W, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+@pytest.fixture(scope="module", params=["pointing", "video_pointing"])
+def dataset(request, tmp_path_factory):
+    """(task, directory with test.json in the pixmo-points-eval or Molmo2-VideoPointEval schema + media)."""
+    d = tmp_path_factory.mktemp(request.param)
+    if request.param == "pointing":
+        rows, _ = F.pointing_set()
+        rows = [dict(r, image=f"{n}.png") for n, r in enumerate(rows[:3])]
+        for n in range(3):
+            random_image(F.W, F.H, n).save(d / f"{n}.png")
+    else:
+        rows, _ = F.video_pointing_set()
+        rows = [dict(r, video_id=f"video{n}") for n, r in enumerate(rows[:3])]
+        for n in range(3):
+            _write_video(d / f"video{n}.mp4", n)
     (d / "test.json").write_text(json.dumps(rows))
-    return d
+    return request.param, d
 
 
 def _eval(checkpoint, dataset, out, capsys):
-    code = main(["eval", "--checkpoint", str(checkpoint), "--task", "pointing", "--data", str(dataset / "test.json"),
-                 "--media", str(dataset), "--out", str(out), "--max-new-tokens", "6"])
+    task, d = dataset
+    code = main(["eval", "--checkpoint", str(checkpoint), "--task", task, "--data", str(d / "test.json"),
+                 "--media", str(d), "--out", str(out), "--max-new-tokens", "6"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

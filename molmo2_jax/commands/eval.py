@@ -35,23 +35,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_done(path: Path) -> dict[str, str]:
-    """Predictions already written; a last line cut off by a kill is dropped from the file."""
+    """Predictions already written. A last line cut off by a kill is dropped from the file; any other
+    bad line is an error naming it."""
     if not path.is_file():
         return {}
-    done, keep = {}, 0
     text = path.read_text()
-    for line in text.splitlines(keepends=True):
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):  # cut off mid-write
+        with path.open("r+") as f:
+            f.truncate(len(text) - len(lines[-1]))
+        lines = lines[:-1]
+    done = {}
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except ValueError:
-            break
-        if not line.endswith("\n"):
-            break
-        done[str(record["id"])] = record["prediction"]
-        keep += len(line)
-    if keep < len(text):
-        with path.open("r+") as f:
-            f.truncate(keep)
+            done[str(record["id"])] = record["prediction"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}:{number}: not a prediction line; fix or remove it to resume") from None
     return done
 
 
