@@ -31,7 +31,7 @@ def checkpoint(tmp_path_factory):
     enliven(model)
     model.save_pretrained(path)
     make_tokenizer_dir(path, "qwen3")
-    return path
+    return path, model
 
 
 def _write_video(path, seed):
@@ -67,6 +67,7 @@ def dataset(request, tmp_path_factory):
 
 def _eval(checkpoint, dataset, out, capsys):
     task, d = dataset
+    checkpoint = checkpoint[0]
     code = main(["eval", "--checkpoint", str(checkpoint), "--task", task, "--data", str(d / "test.json"),
                  "--media", str(d), "--out", str(out), "--max-new-tokens", "6"])
     captured = capsys.readouterr()
@@ -101,3 +102,43 @@ def test_eval_writes_answers_and_resumes_after_a_kill(checkpoint, dataset, tmp_p
     assert code == 0 and asked == ["1", "2"]  # only what the first run had not finished
     assert predictions.read_text() == full
     assert json.loads(out) == json.loads((tmp_path / "full" / "metrics.json").read_text())
+
+
+def transformers_answers(checkpoint, rows, media, new_tokens):
+    """Greedy answers of the reference model + processor (the prompt eval asks for pixmo-points-eval)."""
+    from PIL import Image
+    from ref_tokenizer import make_reference_processor
+
+    path, model = checkpoint
+    processor = make_reference_processor(path)
+    out = []
+    for row in rows:
+        content = [{"type": "image"}, {"type": "text", "text": f"Point to {row['label']}\nPlease say "
+                                                               "'There are none.' if it is not in the image."}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        image = Image.open(media / row["image"]).convert("RGB")
+        inputs = processor(text=text, images=[image], return_tensors="pt", max_crops=24)
+        inputs = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        out.append(processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def test_score_of_transformers_answers_equals_evals_own(checkpoint, dataset, tmp_path, capsys):
+    task, d = dataset
+    if task != "pointing":
+        pytest.skip("the reference loop is run on the image set")
+    code, out, _ = _eval(checkpoint, dataset, tmp_path / "ours", capsys)
+    ours = [json.loads(line) for line in (tmp_path / "ours" / "predictions.jsonl").read_text().splitlines()]
+    rows = json.loads((d / "test.json").read_text())
+    theirs = transformers_answers(checkpoint, rows, d, 6)
+    assert [p["prediction"] for p in ours] == theirs  # the texts agree ...
+    predictions = tmp_path / "transformers.jsonl"
+    predictions.write_text("".join(json.dumps({"id": str(n), "prediction": t}) + "\n" for n, t in enumerate(theirs)))
+    assert main(["score", "--task", "pointing", "--data", str(d / "test.json"), "--predictions", str(predictions),
+                 "--media", str(d)]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    own = json.loads(out)
+    assert [scored[k] for k in ("precision", "recall", "f1")] == [own[k] for k in ("precision", "recall", "f1")]
