@@ -142,3 +142,38 @@ def test_score_of_transformers_answers_equals_evals_own(checkpoint, dataset, tmp
     scored = json.loads(capsys.readouterr().out)
     own = json.loads(out)
     assert [scored[k] for k in ("precision", "recall", "f1")] == [own[k] for k in ("precision", "recall", "f1")]
+
+
+def test_two_processes_give_the_predictions_of_one(checkpoint, dataset, tmp_path, capsys):
+    """Two `eval` processes joined by jax.distributed (loopback coordinator) split the examples and end
+    with the predictions and metrics of one process; a pair run again after a shorter run resumes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    task, d = dataset
+    if task != "pointing":
+        pytest.skip("one schema is enough for the process split")
+    _eval(checkpoint, dataset, tmp_path / "one", capsys)
+
+    def run_pair(out, limit=None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [sys.executable, "-m", "molmo2_jax.cli", "eval", "--checkpoint", str(checkpoint[0]), "--task", task,
+                "--data", str(d / "test.json"), "--media", str(d), "--out", str(out), "--max-new-tokens", "6",
+                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+        argv += ["--limit", str(limit)] if limit else []
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        procs = [subprocess.Popen(argv + ["--process-id", str(k)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+        results = [p.communicate(timeout=600) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], results
+        return results[0][0].strip().splitlines()[-1]  # gloo writes its own lines to stdout first
+
+    run_pair(tmp_path / "two", limit=2)  # a first run that stops early: examples 0 and 1 answered
+    assert (tmp_path / "two" / "predictions.1.jsonl").read_text().count("\n") == 1
+    out = run_pair(tmp_path / "two")
+    assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert json.loads(out) == json.loads((tmp_path / "one" / "metrics.json").read_text())

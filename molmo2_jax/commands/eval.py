@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=448)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0 of a multi-host run")
+    parser.add_argument("--num-processes", type=int, help="processes of a multi-host run")
+    parser.add_argument("--process-id", type=int, help="this process's index in 0..num-processes-1")
 
 
 def read_done(path: Path) -> dict[str, str]:
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     import molmo2_jax
+    from molmo2_jax import distributed
     from molmo2_jax.commands.score import write_json_atomically
     from molmo2_jax.evaluation import metrics
     from molmo2_jax.evaluation.datasets import read_examples
@@ -107,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(first: id {unanswerable[0]})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     rank, processes = jax.process_index(), jax.process_count()
     mine = examples[rank::processes]
     path = out / ("predictions.jsonl" if processes == 1 else f"predictions.{rank}.jsonl")
