@@ -62,17 +62,39 @@ def test_convert_dataset_command_and_a_file_in_another_schema(tmp_path, capsys):
     media = tmp_path / "media"
     media.mkdir()
     (media / "v.mp4").write_bytes(b"")
-    rows = _rows(tmp_path, [{"video_id": "v", "question": "What happens?", "answer": "A dog runs."}])
+    rows = _rows(tmp_path, [{"video_id": "v", "question": "What happens?", "answer": "A dog runs."},
+                            {"video_id": "w", "question": "Where?", "answer": "Park"},  # no video w
+                            {"video_id": "v", "question": "Why?", "answer": " "},  # unanswered: dropped
+                            {"video_id": "v", "question": "Who?", "answer": "A dog."}])
     out = tmp_path / "train.jsonl"
     assert main(["convert_dataset", "--schema", "molmo2-humanqa", "--data", str(rows), "--media", str(media),
                  "--out", str(out)]) == 0
     (line,) = out.read_text().splitlines()
     example = parse_line({"manifest": str(out), "line": 1, "text": line})  # what the pipeline reads
     assert example["video"] == media / "v.mp4"
-    assert example["messages"][1] == {"role": "assistant", "content": "A dog runs."}
+    # a video's questions become one conversation, as the official loader groups them
+    assert [m["content"] for m in example["messages"]] == ["What happens?", "A dog runs.", "Who?", "A dog."]
     capsys.readouterr()
     assert main(["convert_dataset", "--schema", "pixmo-count", "--data", str(rows), "--media", str(media),
                  "--out", str(tmp_path / "other.jsonl")]) == 1
     err = capsys.readouterr().err
     assert "not a pixmo-count file: rows lack label, count, points" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_capqa_rows_become_lettered_multiple_choice_turns(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "v.mp4").write_bytes(b"")
+    rows = [{"video_id": "v", "Question": "What colour is the car?", "Answer": "red",
+             "NegativeAnswers": ["blue", "green", "black"], "Category": "attribute"}]
+    (record,), _ = manifest_records("molmo2-capqa", _rows(tmp_path, rows), media, log=None)
+    question, answer = (m["content"] for m in record["messages"])
+    lines = question.splitlines()
+    assert lines[:2] == ["What colour is the car?", "Only return the correct answer option."]
+    options = dict(line.split(". ", 1) for line in lines[2:])
+    assert sorted(options) == ["A", "B", "C", "D"] and sorted(options.values()) == ["black", "blue", "green", "red"]
+    letter = next(k for k, v in options.items() if v == "red")
+    assert answer == f"{letter}. red"
+    again, _ = manifest_records("molmo2-capqa", _rows(tmp_path, rows), media, log=None)
+    assert again[0] == record  # the same file on a rerun

@@ -6,7 +6,8 @@ manifest records (docs/data.md) the data pipeline reads.
     pixmo-count          image_url/image_sha256, label, count, points {x: [..], y: [..]} on 0..100
     molmo2-videopoint    video_id, question, label, count, points per two_fps_timestamps on 0..100
     molmo2-videotrack    id, clip, fps, w, h, exp, mask_id, points [{object_id, points: [[x, y] | null]}]
-    molmo2-humanqa       video_id, question, answer (Molmo2-AskModelAnything)
+    molmo2-humanqa       video_id, question, answer (Molmo2-AskModelAnything)       -> one conversation a video
+    molmo2-capqa         video_id, Question, Answer, NegativeAnswers (Molmo2-VideoCapQA) -> likewise
 
 Images are found in the media directory by the row's `image` path, its sha256 (a file named
 `<sha256>` with any extension, as Ai2's download script saves them) or its URL's file name; videos
@@ -17,6 +18,8 @@ as `<video_id>.*` or `<clip>.*`. Prompts are the first of the official template 
 from __future__ import annotations
 
 import json
+import random
+import string
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,9 +108,35 @@ def molmo2_videotrack(row: dict, media: Path, style: str, sampling_fps: int = 2)
         {"role": "assistant", "label": row["exp"], "tracks": tracks}]}
 
 
-def molmo2_humanqa(row: dict, media: Path, style: str) -> dict:
-    return {"video": str(_find(media, row["video_id"])), "messages": [
-        {"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]}
+def molmo2_humanqa(rows: list[dict], media: Path, style: str) -> dict:
+    """All of a video's human QA pairs as one conversation; pairs with an empty answer are dropped."""
+    messages = []
+    for row in rows:
+        if row["answer"].strip():
+            messages += [{"role": "user", "content": row["question"].strip()},
+                         {"role": "assistant", "content": row["answer"].strip()}]
+    if not messages:
+        raise RowError("no answered question")
+    return {"video": str(_find(media, rows[0]["video_id"])), "messages": messages}
+
+
+def molmo2_capqa(rows: list[dict], media: Path, style: str) -> dict:
+    """A video's multiple-choice questions as one conversation, in the official evaluation-style
+    template ("Only return the correct answer option." then lettered options; the answer "B. text").
+    The right option's place is drawn from a generator seeded by the question, so a rerun gives the
+    same file (the official loader draws it unseeded)."""
+    messages = []
+    for row in rows:
+        options = list(row["NegativeAnswers"])
+        index = random.Random(f"{row['video_id']}|{row['Question']}").randint(0, len(options))
+        options.insert(index, row["Answer"])
+        letters = string.ascii_uppercase
+        if len(options) > len(letters):
+            raise RowError(f"{len(options)} options; at most {len(letters)} can be lettered")
+        listed = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
+        messages += [{"role": "user", "content": f"{row['Question']}\nOnly return the correct answer option.\n{listed}"},
+                     {"role": "assistant", "content": f"{letters[index]}. {row['Answer']}"}]
+    return {"video": str(_find(media, rows[0]["video_id"])), "messages": messages}
 
 
 READERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
@@ -116,7 +145,10 @@ READERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "molmo2-videopoint": (molmo2_videopoint, ("video_id", "label", "points", "two_fps_timestamps", "video_duration")),
     "molmo2-videotrack": (molmo2_videotrack, ("clip", "fps", "exp", "points")),
     "molmo2-humanqa": (molmo2_humanqa, ("video_id", "question", "answer")),
+    "molmo2-capqa": (molmo2_capqa, ("video_id", "Question", "Answer", "NegativeAnswers")),
 }
+# Schemas whose rows are grouped by video into one multi-turn example, as the official loaders do
+BY_VIDEO = {"molmo2-humanqa", "molmo2-capqa"}
 
 
 def manifest_records(schema: str, data: str | Path, media: str | Path, *, style: str = "point",
@@ -134,16 +166,22 @@ def manifest_records(schema: str, data: str | Path, media: str | Path, *, style:
     if rows and (missing := [f for f in required if f not in rows[0]]):
         raise ValueError(f"{data}: not a {schema} file: rows lack {', '.join(missing)} "
                          f"(they have {', '.join(sorted(rows[0]))})")
+    if schema in BY_VIDEO:  # one item per video, in order of first appearance
+        groups: dict[str, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(str(row["video_id"]), []).append(row)
+        items = [(video_id, group) for video_id, group in groups.items()]
+    else:
+        items = [(str(row.get("id", row.get("example_id", n))), row) for n, row in enumerate(rows)]
     records, skipped = [], []
-    for n, row in enumerate(rows):
-        row_id = str(row.get("id", row.get("example_id", n)))
+    for n, (row_id, row) in enumerate(items):
         try:
             records.append({"id": row_id, **reader(row, media, style)})
         except (RowError, KeyError, TypeError, ValueError) as e:
             reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             skipped.append((row_id, reason))
             if log:
-                log(f"{data}: skipping row {n} (id {row_id}): {reason}")
+                log(f"{data}: skipping {'video' if schema in BY_VIDEO else 'row'} {n} (id {row_id}): {reason}")
     return records, skipped
 
 
