@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(metrics.TASKS)}")
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"--checkpoint {args.checkpoint}: directory not found")
-    examples, _ = read_examples(args.task, args.data, args.media, log=lambda line: print(line, file=sys.stderr))
+    examples, skipped = read_examples(args.task, args.data, args.media, log=lambda line: print(line, file=sys.stderr))
     examples = examples[:args.limit]
     unanswerable = [e.id for e in examples if not (e.image or e.video)]
     if unanswerable:
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         tmp.write_text(merged)
         tmp.replace(out / "predictions.jsonl")
     result = metrics.score(args.task, [e.truth for e in examples], [done[e.id] for e in examples])
-    result["examples"] = len(examples)
+    result.update(examples=len(examples), skipped_rows=len(skipped))
     write_json_atomically(out / "metrics.json", result)
     print(json.dumps(result))
     return 0

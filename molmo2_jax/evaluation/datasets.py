@@ -98,12 +98,17 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def _find_image(row: dict, media: Path | None) -> Path | None:
-    """The row's image in the media directory: its `image` path, else a file named by its sha256."""
+    """The row's image in the media directory, if there: its `image` path, else a file named by its
+    sha256, else its URL's file name."""
     if media is None:
         return None
-    if row.get("image"):
+    if row.get("image") and (media / row["image"]).is_file():
         return media / row["image"]
-    return next(iter(sorted(media.glob(f"{row['image_sha256']}*"))), None) if row.get("image_sha256") else None
+    for name in (row.get("image_sha256"), Path(row["image_url"]).name if row.get("image_url") else None):
+        found = sorted(p for p in media.glob(f"{name}*") if p.is_file()) if name else []
+        if found:
+            return found[0]
+    return None
 
 
 def _pointing(row: dict, media: Path | None) -> metrics.PointingTruth:
