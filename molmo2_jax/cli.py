@@ -11,6 +11,9 @@ import sys
 import molmo2_jax.commands as commands
 
 
+EVAL_EXTRA = ("scipy", "pycocotools", "trackeval", "pyarrow")  # pyproject's `eval` extra
+
+
 def _command_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
 
@@ -32,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if e.name not in EVAL_EXTRA:
+            raise
+        print(f"molmo2-jax {argv[0]}: error: {e.name} is not installed; it comes with the eval extra: "
+              f"pip install 'molmo2-jax[eval]'", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as e:  # our error classes derive from ValueError; file problems from OSError
         print(f"molmo2-jax {argv[0]}: error: {e}", file=sys.stderr)
         return 1
