@@ -60,8 +60,9 @@ def text_ids(rng: np.random.Generator, n: int) -> list[int]:
     return rng.integers(1, VOCAB, n).tolist()
 
 
-def image_inputs(images: list[Image.Image], seed: int = 0) -> dict[str, np.ndarray]:
-    """One sequence with each image's token block (released layout) between random text tokens."""
+def image_inputs(images: list[Image.Image], seed: int = 0, text_after: int = 2) -> dict[str, np.ndarray]:
+    """One sequence with each image's token block (released layout) between random text tokens (3 before the
+    first image, `text_after` after each)."""
     processed = Molmo2ImageProcessor()(images=images, return_tensors="np")
     rng = np.random.default_rng(seed)
     ids = text_ids(rng, 3)
@@ -69,7 +70,7 @@ def image_inputs(images: list[Image.Image], seed: int = 0) -> dict[str, np.ndarr
         low_h, low_w, rows, cols = (int(x) for x in grid)
         ids += [LOW_RES_START] + [IM_PATCH] * (low_h * low_w) + [IM_END]
         ids += [IM_START] + ([IM_PATCH] * cols + [IM_COL]) * rows + [IM_END]
-        ids += text_ids(rng, 2)
+        ids += text_ids(rng, text_after)
     return _with_masks(ids, {k: np.asarray(v) for k, v in processed.items()})
 
 
@@ -92,6 +93,23 @@ def _with_masks(ids: list[int], extra: dict[str, np.ndarray]) -> dict[str, np.nd
     input_ids = np.asarray([ids], np.int64)
     return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
             "mm_token_type_ids": np.isin(input_ids, MM_IDS).astype(np.int64), **extra}
+
+
+def padded_batch(rows: list[dict[str, np.ndarray]], pad_id: int = 0) -> dict[str, np.ndarray]:
+    """One-sequence inputs (of `image_inputs`) -> one batch: sequences right padded (attention_mask 0), crops
+    concatenated and each row's pooling indices shifted past the patches of the rows before, as one processor
+    call over all the images gives them."""
+    t = max(r["input_ids"].shape[1] for r in rows)
+    out = {key: np.concatenate([np.pad(r[key], ((0, 0), (0, t - r[key].shape[1])), constant_values=fill)
+                                for r in rows])
+           for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0))}
+    patches = np.cumsum([0] + [r["pixel_values"].shape[0] * r["pixel_values"].shape[1] for r in rows])
+    out["image_token_pooling"] = np.concatenate(
+        [np.where(r["image_token_pooling"] >= 0, r["image_token_pooling"] + offset, -1)
+         for r, offset in zip(rows, patches)])
+    for key in ("pixel_values", "image_grids", "image_num_crops"):
+        out[key] = np.concatenate([r[key] for r in rows])
+    return out
 
 
 def reference_logits(model: Molmo2ForConditionalGeneration, inputs: dict[str, np.ndarray]) -> np.ndarray:
