@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from transformers import Molmo2Config, Molmo2ForConditionalGeneration, Molmo2ImageProcessor, Molmo2VideoProcessor
 
+from molmo2_jax.preprocessing import collate
+
 # Token ids of the tiny models: base vocabulary 300, the ten Molmo2 tokens right after it.
 VOCAB = 300
 IM_START, IM_END, IM_PATCH, IM_COL, LOW_RES_START = 300, 301, 302, 303, 304
@@ -95,21 +97,16 @@ def _with_masks(ids: list[int], extra: dict[str, np.ndarray]) -> dict[str, np.nd
             "mm_token_type_ids": np.isin(input_ids, MM_IDS).astype(np.int64), **extra}
 
 
-def padded_batch(rows: list[dict[str, np.ndarray]], pad_id: int = 0) -> dict[str, np.ndarray]:
-    """One-sequence inputs (of `image_inputs`) -> one batch: sequences right padded (attention_mask 0), crops
-    concatenated and each row's pooling indices shifted past the patches of the rows before, as one processor
-    call over all the images gives them."""
-    t = max(r["input_ids"].shape[1] for r in rows)
-    out = {key: np.concatenate([np.pad(r[key], ((0, 0), (0, t - r[key].shape[1])), constant_values=fill)
-                                for r in rows])
-           for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0))}
-    patches = np.cumsum([0] + [r["pixel_values"].shape[0] * r["pixel_values"].shape[1] for r in rows])
-    out["image_token_pooling"] = np.concatenate(
-        [np.where(r["image_token_pooling"] >= 0, r["image_token_pooling"] + offset, -1)
-         for r, offset in zip(rows, patches)])
-    for key in ("pixel_values", "image_grids", "image_num_crops"):
-        out[key] = np.concatenate([r[key] for r in rows])
-    return out
+def padded_batch(examples: list[dict[str, np.ndarray]], padding_side: str = "right") -> dict[str, np.ndarray]:
+    """One-sequence inputs -> one batch by our `collate` at their exact visual sizes (the reference cannot skip
+    padded crops or pooling rows): sequences padded with id 0 (attention_mask 0), crops concatenated, pooling
+    indices global; visual arrays without rows are dropped (the reference wants them absent)."""
+    total = lambda key: sum(ex[key].shape[0] for ex in examples if key in ex)
+    out = collate(examples, seq_len=max(ex["input_ids"].shape[1] for ex in examples),
+                  max_crops=total("pixel_values"), max_image_tokens=total("image_token_pooling"),
+                  max_frames=total("pixel_values_videos"), max_video_tokens=total("video_token_pooling"),
+                  pad_token_id=0, padding_side=padding_side)
+    return {k: v for k, v in out.items() if k == "input_ids" or np.shape(v)[:1] != (0,)}
 
 
 def reference_logits(model: Molmo2ForConditionalGeneration, inputs: dict[str, np.ndarray]) -> np.ndarray:
