@@ -82,7 +82,8 @@ def video_inputs(num_frames: int, seed: int = 0, frame_special_tokens: bool = Tr
     start, end = (FRAME_START, FRAME_END) if frame_special_tokens else (IM_START, IM_END)
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 256, (num_frames, 48, 64, 3), dtype=np.uint8)
-    processed = Molmo2VideoProcessor()(videos=[frames], do_sample_frames=False, fps=2.0, return_tensors="np")
+    processor = Molmo2VideoProcessor(do_rescale=True, do_normalize=True)  # as the released files say (to [-1, 1])
+    processed = processor(videos=[frames], do_sample_frames=False, fps=2.0, return_tensors="np")
     ids = text_ids(rng, 3)
     n, rows, cols = (int(x) for x in processed["video_grids"][0])
     for _ in range(n):
