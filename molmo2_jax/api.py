@@ -12,21 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from molmo2_jax.batch import IGNORED_KEYS, INPUT_KEYS, TOKEN_KEYS, InputError, patch_streams
 from molmo2_jax.checkpoint import converted, hf
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import flatten, param_shapes, placer, unflatten
 from molmo2_jax.sharding import activate, check_config, param_shardings
-
-# Model inputs, named like the transformers Molmo2Processor outputs.
-INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
-              "pixel_values_videos", "video_token_pooling", "position_ids", "segment_ids")
-# Processor outputs the model does not need (its pooling indices are already global).
-IGNORED_KEYS = ("image_grids", "image_num_crops", "video_grids", "token_type_ids")
-
-
-class InputError(ValueError):
-    """Model inputs that cannot be run (unknown keys, inconsistent visual token counts, too long)."""
 
 
 class Molmo2Model:
@@ -52,8 +43,7 @@ class Molmo2Model:
         arrays = {k: np.asarray(inputs[k]) for k in INPUT_KEYS if inputs.get(k) is not None}
         ids = arrays["input_ids"]
         if ids.ndim == 1:
-            arrays = {k: (v[None] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids",
-                                           "segment_ids") else v) for k, v in arrays.items()}
+            arrays = {k: (v[None] if k in TOKEN_KEYS else v) for k, v in arrays.items()}
             ids = arrays["input_ids"]
         if ids.shape[1] > self.config.text.max_position_embeddings:
             raise InputError(f"input of {ids.shape[1]} tokens exceeds the model's maximum length "
@@ -62,17 +52,14 @@ class Molmo2Model:
         return {k: jnp.asarray(v) for k, v in arrays.items()}
 
     def _check_visual_counts(self, arrays: dict[str, np.ndarray]) -> None:
-        k = self.config.tokens
-        ids = arrays["input_ids"]
-        patches = ids == k.image_patch
-        slot = np.arange(ids.shape[1])[None]
-        last_frame = np.maximum.accumulate(np.where(ids == k.frame_start, slot, -1), axis=1)
-        last_image = np.maximum.accumulate(
-            np.where((ids == k.image_start) | (ids == k.low_res_image_start), slot, -1), axis=1)
-        video = patches & (last_frame > last_image)
-        for what, pooling_key, pixels_key, count in (
-                ("image", "image_token_pooling", "pixel_values", int((patches & ~video).sum())),
-                ("video", "video_token_pooling", "pixel_values_videos", int(video.sum()))):
+        present = {key: arrays.get(key) is not None and arrays[key].shape[0] > 0
+                   for key in ("image_token_pooling", "video_token_pooling")}
+        streams = patch_streams(arrays["input_ids"], self.config.tokens.image_patch, arrays.get("video_patch_mask"),
+                                has_images=present["image_token_pooling"], has_videos=present["video_token_pooling"])
+        for what, pooling_key, pixels_key, selected in zip(
+                ("image", "video"), ("image_token_pooling", "video_token_pooling"),
+                ("pixel_values", "pixel_values_videos"), streams):
+            count = int(selected.sum())
             pooling = arrays.get(pooling_key)
             rows = 0 if pooling is None else int(np.any(pooling >= 0, axis=-1).sum())
             if rows != count:

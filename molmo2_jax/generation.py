@@ -102,13 +102,13 @@ def left_pad(inputs: Mapping[str, Any], multimodal_ids: Sequence[int], max_posit
         raise InputError(f"prompt of {longest} tokens exceeds the model's maximum length {max_positions}")
     width = min(_round_up(longest, PROMPT_BUCKET), max_positions)
     out = dict(inputs)
-    out["input_ids"] = np.zeros((ids.shape[0], width), np.int32)
-    out["attention_mask"] = np.zeros((ids.shape[0], width), np.int32)
-    out["mm_token_type_ids"] = np.zeros((ids.shape[0], width), np.int32)
-    for row, n in enumerate(lengths):
-        out["input_ids"][row, width - n:] = ids[row][mask[row]]
-        out["attention_mask"][row, width - n:] = 1
-        out["mm_token_type_ids"][row, width - n:] = types[row][mask[row]]
+    tokens = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types}
+    if inputs.get("video_patch_mask") is not None:
+        tokens["video_patch_mask"] = np.asarray(inputs["video_patch_mask"]).reshape(ids.shape)
+    for key, values in tokens.items():
+        out[key] = np.zeros((ids.shape[0], width), np.int32)
+        for row, n in enumerate(lengths):
+            out[key][row, width - n:] = values[row][mask[row]]
     for key, fill in VISUAL_KEYS:
         if inputs.get(key) is not None and np.shape(inputs[key])[0]:
             array = np.asarray(inputs[key])

@@ -157,9 +157,12 @@ def _byte_level_bpe(family: str, extra_words: list[str]):
 
 
 def make_reference_processor_from_tokenizer(fast_tokenizer, **processor_kwargs):
-    """A transformers `Molmo2Processor` around `fast_tokenizer` with the released processor settings."""
+    """A transformers `Molmo2Processor` around `fast_tokenizer` with the released Molmo2-4B/8B processor settings
+    (`processor_kwargs` override them, e.g. `use_frame_special_tokens=True` as in Molmo2-8B-SFT)."""
     from transformers import Molmo2ImageProcessor, Molmo2Processor, Molmo2VideoProcessor
 
+    settings = dict(image_use_col_tokens=True, use_single_crop_col_tokens=False, use_single_crop_start_token=True,
+                    video_use_col_tokens=False, use_frame_special_tokens=False)
     return Molmo2Processor(
         image_processor=Molmo2ImageProcessor(max_crops=8),
         video_processor=Molmo2VideoProcessor(
@@ -167,17 +170,14 @@ def make_reference_processor_from_tokenizer(fast_tokenizer, **processor_kwargs):
         ),
         tokenizer=fast_tokenizer,
         chat_template=CHAT_TEMPLATE,
-        image_use_col_tokens=True,
-        use_single_crop_col_tokens=False,
-        use_single_crop_start_token=True,
-        video_use_col_tokens=False,
-        use_frame_special_tokens=True,
-        **processor_kwargs,
+        **{**settings, **processor_kwargs},
     )
 
 
-def make_tokenizer_dir(path, family: str = "qwen3", extra_words: list[str] | tuple[str, ...] = ()) -> Path:
-    """Write a tiny Molmo2 tokenizer + processor directory (released file names) and return its path."""
+def make_tokenizer_dir(path, family: str = "qwen3", extra_words: list[str] | tuple[str, ...] = (),
+                       **processor_kwargs) -> Path:
+    """Write a tiny Molmo2 tokenizer + processor directory (released file names) and return its path;
+    `processor_kwargs` override the released processor settings."""
     from transformers import PreTrainedTokenizerFast
 
     if family not in CHAT_TOKENS:
@@ -193,7 +193,7 @@ def make_tokenizer_dir(path, family: str = "qwen3", extra_words: list[str] | tup
         model_max_length=1_010_000,
         clean_up_tokenization_spaces=False,
     )
-    make_reference_processor_from_tokenizer(fast).save_pretrained(str(path))
+    make_reference_processor_from_tokenizer(fast, **processor_kwargs).save_pretrained(str(path))
     # The released checkpoints also ship the sub-processor settings as separate files.
     common = {"do_convert_rgb": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "patch_size": 14,
               "resample": 2, "size": {"height": 378, "width": 378}, "processor_class": "Molmo2Processor"}

@@ -1,5 +1,6 @@
-"""Packing: a packed batch (images, a video and text sharing rows) gives every example the logits the
-transformers reference gives it alone; targets, weights, positions and segments stay inside each example."""
+"""Packing: a packed batch (images, a video whose frames are wrapped in `<im_start>`/`<im_end>` as in the released
+4B/8B processor files, and text sharing rows) gives every example the logits the transformers reference gives it
+alone; targets, weights, positions and segments stay inside each example."""
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def _example(inputs: dict, name: str) -> dict:
 @pytest.fixture(scope="module")
 def packed():
     inputs = [image_inputs([random_image(378, 378, 1)], seed=1), image_inputs([random_image(200, 100, 2)], seed=2),
-              video_inputs(3, seed=3), {"input_ids": np.asarray([text_ids(np.random.default_rng(4), 17)])}]
+              video_inputs(3, seed=3, frame_special_tokens=False), {"input_ids": np.asarray([text_ids(np.random.default_rng(4), 17)])}]
     inputs[3].update(attention_mask=np.ones_like(inputs[3]["input_ids"]),
                      mm_token_type_ids=np.zeros_like(inputs[3]["input_ids"]))
     builder = BatchBuilder(batch_size=2, capacity=BUCKETS[1])

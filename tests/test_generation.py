@@ -67,8 +67,10 @@ def batch(examples, padding_side="left"):
 
 
 def without_empty(inputs):
-    """Drop the zero-row visual arrays `collate` always writes (the reference wants them absent)."""
-    return {k: v for k, v in inputs.items() if not (k != "input_ids" and np.asarray(v).shape[:1] == (0,))}
+    """Drop the zero-row visual arrays `collate` always writes (the reference wants them absent) and our own
+    `video_patch_mask` (the reference takes one visual stream at a time)."""
+    return {k: v for k, v in inputs.items()
+            if k != "video_patch_mask" and not (k != "input_ids" and np.asarray(v).shape[:1] == (0,))}
 
 
 def assert_same_tokens(got, expected):
@@ -82,6 +84,7 @@ CASES = {
     "image": lambda: image_inputs([random_image(500, 400, 1)]),
     "two_images": lambda: image_inputs([random_image(378, 378, 2), random_image(90, 700, 3)], seed=1),
     "video": lambda: video_inputs(3),
+    "video_im_start": lambda: video_inputs(3, frame_special_tokens=False),  # the released 4B/8B setting
 }
 
 
@@ -100,7 +103,7 @@ def image_batch():
 
 
 def video_batch():
-    return [video_inputs(2, seed=7), video_inputs(4, seed=8), video_inputs(3, seed=9)]
+    return [video_inputs(2, seed=7), video_inputs(4, seed=8, frame_special_tokens=False), video_inputs(3, seed=9)]
 
 
 @pytest.mark.parametrize("make", [image_batch, video_batch], ids=["images", "videos"])
@@ -114,6 +117,14 @@ def test_greedy_matches_reference_batch_3_of_different_lengths(models, make):
                             eos_ids=[UNUSED_EOS])
     assert result.prompt_tokens == [ex["input_ids"].shape[1] for ex in examples]
     assert_same_tokens(result.token_ids, expected)
+
+
+def test_image_and_video_rows_in_one_batch(models):
+    """An image row and a video row generated together give each row the reference's tokens for it alone."""
+    ref, model = models
+    examples = [image_inputs([random_image(300, 500, 10)], seed=10), video_inputs(3, 11, frame_special_tokens=False)]
+    result = model.generate(batch(examples, "right"), max_new_tokens=NEW_TOKENS, eos_ids=[UNUSED_EOS])
+    assert_same_tokens(result.token_ids, [reference_generate(ref, ex)[0] for ex in examples])
 
 
 def test_stops_on_eos_per_row(models):

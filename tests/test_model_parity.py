@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from ref_model import image_inputs, random_image, reference_logits, text_ids, video_inputs
+from ref_model import IM_PATCH, image_inputs, random_image, reference_logits, text_ids, video_inputs
 
 import molmo2_jax
+from molmo2_jax.api import InputError
+from molmo2_jax.preprocessing import collate
 
 ATOL = 1e-4
 
@@ -28,6 +30,8 @@ CASES = {
     "image_multicrop": lambda: image_inputs([random_image(640, 480)]),  # 2x2 tiling + global crop
     "two_images": lambda: image_inputs([random_image(378, 378, 1), random_image(90, 700, 2)]),
     "video": lambda: video_inputs(4),
+    # the released Molmo2-4B/8B processor files wrap frames in <im_start>/<im_end>, like images
+    "video_im_start": lambda: video_inputs(4, frame_special_tokens=False),
 }
 
 
@@ -101,3 +105,28 @@ def test_bfloat16_agrees_with_float32_reference(reference):
     kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1)))
     print(f"{family} bfloat16 vs float32 reference: mean KL {kl:.2e}")
     assert kl < 1e-3
+
+
+@pytest.mark.parametrize("frame_special_tokens", [True, False])
+def test_image_row_and_video_row_in_one_batch(loaded, frame_special_tokens):
+    """A batch of an image row and a video row (collated, left padded) gives each row the reference's logits of
+    that row alone; `video_patch_mask` tells the video's patches from the image's whatever wraps the frames."""
+    family, ref, model = loaded
+    rows = [image_inputs([random_image(500, 300, 4)], seed=4), video_inputs(3, 5, frame_special_tokens)]
+    total = lambda key: sum(len(x[key]) for x in rows if key in x)
+    batch = collate(rows, seq_len=max(x["input_ids"].shape[1] for x in rows), max_crops=total("pixel_values"),
+                    max_image_tokens=total("image_token_pooling"), max_frames=total("pixel_values_videos"),
+                    max_video_tokens=total("video_token_pooling"), pad_token_id=0)
+    batch = {k: v for k, v in batch.items() if not k.endswith(("_grids", "_num_crops"))}
+    got = np.asarray(model(batch))
+    for r, inputs in enumerate(rows):
+        real = batch["attention_mask"][r] == 1
+        diff = _max_diff(got[r][real], reference_logits(ref, inputs)[0])
+        assert diff <= ATOL, f"{family}/row {r}: max |diff| {diff}"
+
+    with pytest.raises(InputError, match="both image and video features need `video_patch_mask`"):
+        model({k: v for k, v in batch.items() if k != "video_patch_mask"})
+    one_short = dict(batch, video_patch_mask=batch["video_patch_mask"].copy())
+    one_short["video_patch_mask"][1, np.flatnonzero(batch["input_ids"][1] == IM_PATCH)[0]] = 0
+    with pytest.raises(InputError, match=r"^\d+ image <im_patch> tokens but \d+ image feature rows"):
+        model(one_short)

@@ -78,6 +78,42 @@ def test_video_from_path(procs, video_path):
     assert out["video_grids"].tolist() == [[9, 9, 9]]  # 4 s -> 0, 0.5, ..., 3.5, 4.0
 
 
+@pytest.mark.parametrize("frame_special_tokens", [True, False])
+def test_video_frame_tokens_follow_processor_config(tmp_path, frame_special_tokens):
+    """`use_frame_special_tokens` in processor_config.json (false in the released Molmo2-4B/8B, true in
+    Molmo2-8B-SFT) decides what wraps each frame, in both processors."""
+    d = make_tokenizer_dir(tmp_path, "qwen3", use_frame_special_tokens=frame_special_tokens)
+    ref, ours = make_reference_processor(d), Molmo2Processor.from_pretrained(d)
+    frames = np.stack(_images([(40, 60)] * 3, seed=6))
+    times = np.array([0.0, 0.5, 1.0])
+    meta = {"total_num_frames": 3, "fps": 2.0, "frames_indices": [0, 1, 2]}
+    out = ours("<|video|>Track it.", videos=[(frames, times)])
+    assert_same_outputs(ref(text="<|video|>Track it.", videos=[frames], do_sample_frames=False,
+                            video_metadata=[meta], return_tensors="np"), out)
+    ids = CONFIG_TOKEN_IDS["qwen3"]
+    start = ids["frame_start_token_id"] if frame_special_tokens else ids["image_start_token_id"]
+    assert (out["input_ids"] == start).sum() == 3
+
+
+@pytest.mark.parametrize("text", ["<|image|>and<|video|>Compare.", "<|video|>then<|image|>"])
+def test_images_and_video_in_one_prompt_mark_the_video_patches(procs, text):
+    """With both kinds in one call, `video_patch_mask` marks exactly the video's `<im_patch>` tokens, in the
+    prompt's order of placeholders."""
+    family, _, ours = procs
+    image = _images([(200, 300)], seed=7)
+    video = (np.stack(_images([(30, 30)] * 2, seed=8)), np.array([0.0, 0.5]))
+    out = ours(text, images=image, videos=[video])
+    patch = CONFIG_TOKEN_IDS[family]["image_patch_id"]
+    n_image = int((ours("<|image|>", images=image)["input_ids"] == patch).sum())
+    n_video = int((ours("<|video|>", videos=[video])["input_ids"] == patch).sum())
+    flags = out["video_patch_mask"][0][out["input_ids"][0] == patch]
+    video_first = text.startswith("<|video|>")
+    expected = np.repeat([video_first, not video_first], [n_video, n_image] if video_first else [n_image, n_video])
+    np.testing.assert_array_equal(flags, expected)
+    assert out["video_patch_mask"][0][out["input_ids"][0] != patch].sum() == 0
+    assert len(out["video_token_pooling"]) == n_video and len(out["image_token_pooling"]) == n_image
+
+
 def test_long_video_from_bytes(procs, tmp_path):
     _, ref, ours = procs
     path = write_mp4(tmp_path / "long.mp4", 200, 1, size=16)  # > 191.5 s: uniform spacing

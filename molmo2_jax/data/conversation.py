@@ -140,8 +140,8 @@ def tokenize_conversation(
 
     Returns `input_ids`, `mm_token_type_ids` (int32 `[T]`), `token_weights` (float32 `[T]`, the loss
     weight of predicting each token), the processor's vision arrays (`pixel_values`,
-    `image_token_pooling`, `pixel_values_videos`, `video_token_pooling`, pooling local to the example)
-    and `name`. Raises `BadExampleError` naming `name` and the problem.
+    `image_token_pooling`, `pixel_values_videos`, `video_token_pooling`, pooling local to the example),
+    `video_patch_mask` (int32 `[T]`) when it has images and a video, and `name`. Raises `BadExampleError` naming `name` and the problem.
     """
     messages = list(messages)
     for i, m in enumerate(messages):
@@ -195,4 +195,7 @@ def tokenize_conversation(
     for key in ("pixel_values", "image_token_pooling", "pixel_values_videos", "video_token_pooling"):
         if key in first:
             example[key] = first[key].astype(np.int32) if "pooling" in key else first[key]
+    if "video_patch_mask" in first:  # images and a video: which patches are the video's
+        example["video_patch_mask"] = np.pad(first["video_patch_mask"][0].astype(np.int32),
+                                             (0, len(input_ids) - first["input_ids"].shape[1]))
     return example

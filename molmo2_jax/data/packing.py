@@ -7,8 +7,8 @@ padded to the smallest bucket that holds it. Each example keeps its own segment 
 padding) and positions restarting at 0, so attention, the bidirectional image block and positions stay
 inside it. The crops and frames of all examples form one vision batch; pooling indices are global over it.
 
-Batch keys: `input_ids`, `mm_token_type_ids`, `segment_ids`, `position_ids`, `attention_mask`,
-`target_ids`, `loss_weights` `[B, T]`; `pixel_values` `[crops, P, D]`, `image_token_pooling`
+Batch keys: `input_ids`, `mm_token_type_ids`, `video_patch_mask`, `segment_ids`, `position_ids`,
+`attention_mask`, `target_ids`, `loss_weights` `[B, T]`; `pixel_values` `[crops, P, D]`, `image_token_pooling`
 `[image_tokens, 4]`, `pixel_values_videos` `[frames, P, D]`, `video_token_pooling` `[video_tokens, 9]`
 (the training batch contract). Padding crops / frames are zeros that no pooling row reads, padding pooling
 rows are -1; `vision_masks` gives the per-crop / per-frame validity masks.
@@ -23,12 +23,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # the model inputs of a batch
+from molmo2_jax.batch import video_patch_mask
 from molmo2_jax.data.errors import DataError
 from molmo2_jax.preprocessing.collate import Bucket
 
-# Keys of a packed batch the model takes (the rest are loss inputs and validity masks).
-MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
-              "pixel_values_videos", "video_token_pooling", "position_ids", "segment_ids")
 _VISION = (("pixel_values", "image_token_pooling", "max_crops", "max_image_tokens", 4),
            ("pixel_values_videos", "video_token_pooling", "max_frames", "max_video_tokens", 9))
 
@@ -94,7 +93,8 @@ def assemble(rows: Sequence[Sequence[Mapping[str, Any]]], bucket: Bucket, *, pat
              pad_token_id: int = 0, pixel_dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """Lay out rows of examples (in row order, then placement order) as one padded batch."""
     b, t = len(rows), bucket.seq_len
-    out = {k: np.zeros((b, t), np.int32) for k in ("mm_token_type_ids", "segment_ids", "position_ids", "target_ids")}
+    out = {k: np.zeros((b, t), np.int32) for k in ("mm_token_type_ids", "video_patch_mask", "segment_ids",
+                                                   "position_ids", "target_ids")}
     out["input_ids"] = np.full((b, t), pad_token_id, np.int32)
     out["loss_weights"] = np.zeros((b, t), np.float32)
     vision: dict[str, list] = {"pixel_values": [], "image_token_pooling": [], "pixel_values_videos": [],
@@ -107,6 +107,9 @@ def assemble(rows: Sequence[Sequence[Mapping[str, Any]]], bucket: Bucket, *, pat
             sl = slice(offset, offset + n)
             out["input_ids"][r, sl] = ex["input_ids"]
             out["mm_token_type_ids"][r, sl] = ex["mm_token_type_ids"]
+            out["video_patch_mask"][r, sl] = video_patch_mask(
+                ex.get("video_patch_mask"), has_images="pixel_values" in ex, has_videos="pixel_values_videos" in ex,
+                what=ex.get("name", "example"))
             out["segment_ids"][r, sl] = seg
             out["position_ids"][r, sl] = np.arange(n)
             out["target_ids"][r, offset : offset + n - 1] = ex["input_ids"][1:]

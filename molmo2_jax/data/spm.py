@@ -57,7 +57,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int = 640, model_type:
 
 def processor_files(crop_size: int = 378, max_crops: int = 8, num_frames: int = 384, max_fps: float = 2.0,
                     overlap_margins: tuple[int, int] = (4, 4)) -> dict[str, dict[str, Any]]:
-    """The released processor config files, with the crop size and limits given."""
+    """The released (Molmo2-4B/8B) processor config files, with the crop size and limits given."""
     common = {"do_convert_rgb": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "patch_size": 14,
               "resample": 2, "size": {"height": crop_size, "width": crop_size}, "processor_class": "Molmo2Processor"}
     return {
@@ -69,7 +69,7 @@ def processor_files(crop_size: int = 378, max_crops: int = 8, num_frames: int = 
                                            "do_sample_frames": True},
         "processor_config.json": {"processor_class": "Molmo2Processor", "image_use_col_tokens": True,
                                   "use_single_crop_col_tokens": False, "use_single_crop_start_token": True,
-                                  "video_use_col_tokens": False, "use_frame_special_tokens": True},
+                                  "video_use_col_tokens": False, "use_frame_special_tokens": False},
     }
 
 

@@ -3,8 +3,8 @@ tokens -> decoder with a causal mask OR-ed with a bidirectional block over the i
 
 Inputs use the names of the transformers `Molmo2Processor` outputs. Shapes are static: crops, frames and
 pooled tokens may be padded (zero pixels, `-1` pooling rows) and sequences padded (attention_mask 0), so one
-compiled function serves a bucket of inputs. Images and videos may share a batch: each `<im_patch>` token takes
-its features from the video stream when the nearest preceding start token is `<frame_start>`.
+compiled function serves a bucket of inputs. Images and videos may share a batch: `batch.patch_streams` says which
+`<im_patch>` tokens take image and which take video feature rows.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from molmo2_jax.batch import patch_streams
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.connector import Connector
 from molmo2_jax.model.layers import EMBED_INIT, MaskInfo, fan_in_init, rope_cos_sin, rope_inv_freq
@@ -66,21 +67,17 @@ class Molmo2(nn.Module):
 
     # -- language model -----------------------------------------------------------------------------------
 
-    def embed(self, input_ids: jax.Array, image_stream=None, video_stream=None) -> jax.Array:
+    def embed(self, input_ids: jax.Array, image_stream=None, video_stream=None,
+              video_patch_mask: jax.Array | None = None) -> jax.Array:
         """Token embeddings with each visual token added at its `<im_patch>` position (in order of appearance,
-        row-major over batch then sequence)."""
-        k = self.config.tokens
+        row-major over batch then sequence, per stream)."""
         ids = jnp.maximum(input_ids, 0)
         x = jnp.take(self.embedding, ids, axis=0).astype(self.config.dtype)
         if image_stream is None and video_stream is None:
             return x
-        is_patch = ids == k.image_patch
-        slot = jnp.arange(ids.shape[1])[None]
-        last_frame = jax.lax.cummax(jnp.where(ids == k.frame_start, slot, -1), axis=1)
-        last_image = jax.lax.cummax(
-            jnp.where((ids == k.image_start) | (ids == k.low_res_image_start), slot, -1), axis=1)
-        is_video = last_frame > last_image
-        for stream, selected in ((image_stream, is_patch & ~is_video), (video_stream, is_patch & is_video)):
+        selections = patch_streams(ids, self.config.tokens.image_patch, video_patch_mask,
+                                   has_images=image_stream is not None, has_videos=video_stream is not None)
+        for stream, selected in zip((image_stream, video_stream), selections):
             if stream is None:
                 continue
             tokens, keep = stream
@@ -98,7 +95,8 @@ class Molmo2(nn.Module):
         return RopeTables(*scaled, *plain)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 mm_token_type_ids: jax.Array | None = None, pixel_values: jax.Array | None = None,
+                 mm_token_type_ids: jax.Array | None = None, video_patch_mask: jax.Array | None = None,
+                 pixel_values: jax.Array | None = None,
                  image_token_pooling: jax.Array | None = None, pixel_values_videos: jax.Array | None = None,
                  video_token_pooling: jax.Array | None = None, position_ids: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: Cache | None = None, return_hidden: bool = False):
@@ -120,7 +118,7 @@ class Molmo2(nn.Module):
 
         image_stream, video_stream = self.visual_tokens(pixel_values, image_token_pooling, pixel_values_videos,
                                                         video_token_pooling)
-        x = self.embed(input_ids, image_stream, video_stream)
+        x = self.embed(input_ids, image_stream, video_stream, video_patch_mask)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
         q_idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))

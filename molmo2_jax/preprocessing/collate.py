@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from molmo2_jax.batch import video_patch_mask
 from molmo2_jax.preprocessing.errors import BucketOverflowError
 
 PATCHES_PER_CROP = 729  # 27 x 27 patches of 14 px in a 378 px crop
@@ -86,7 +87,7 @@ def collate(
 ) -> dict[str, np.ndarray]:
     """Batch single-example processor outputs into fixed shapes.
 
-    Returns `input_ids` / `attention_mask` / `mm_token_type_ids` `[B, seq_len]`, `pixel_values`
+    Returns `input_ids` / `attention_mask` / `mm_token_type_ids` / `video_patch_mask` `[B, seq_len]`, `pixel_values`
     `[max_crops, 729, 588]`, `image_token_pooling` `[max_image_tokens, 4]`, `pixel_values_videos`
     `[max_frames, 729, 588]`, `video_token_pooling` `[max_video_tokens, 9]`, plus the unpadded
     metadata `image_grids`, `image_num_crops`, `video_grids` (not for jitted code). Raises
@@ -98,6 +99,7 @@ def collate(
     input_ids = np.full((batch, seq_len), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((batch, seq_len), dtype=np.int64)
     mm_types = np.zeros((batch, seq_len), dtype=np.int64)
+    video_mask = np.zeros((batch, seq_len), dtype=np.int64)
     for i, ex in enumerate(examples):
         ids = np.asarray(ex["input_ids"]).reshape(-1, np.asarray(ex["input_ids"]).shape[-1])
         if ids.shape[0] != 1:
@@ -105,10 +107,13 @@ def collate(
         mask = np.asarray(ex.get("attention_mask", np.ones_like(ids))).reshape(-1).astype(bool)
         valid = ids[0][mask]
         types = np.asarray(ex["mm_token_type_ids"]).reshape(-1)[mask]
+        video = video_patch_mask(ex.get("video_patch_mask"), has_images="pixel_values" in ex,
+                                 has_videos="pixel_values_videos" in ex, what=f"examples[{i}]")
+        video = np.broadcast_to(video, ids.shape).reshape(-1)[mask]
         if len(valid) > seq_len:
             raise BucketOverflowError(f"examples[{i}] needs seq_len={len(valid)} but the bucket allows {seq_len}")
         sl = slice(seq_len - len(valid), seq_len) if padding_side == "left" else slice(0, len(valid))
-        input_ids[i, sl], attention_mask[i, sl], mm_types[i, sl] = valid, 1, types
+        input_ids[i, sl], attention_mask[i, sl], mm_types[i, sl], video_mask[i, sl] = valid, 1, types, video
 
     pixel_values, image_pooling = _concat_visual(examples, "pixel_values", "image_token_pooling", max_crops,
                                                  max_image_tokens, 4, np.int32, ("max_crops", "max_image_tokens"))
@@ -126,6 +131,7 @@ def collate(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "mm_token_type_ids": mm_types,
+        "video_patch_mask": video_mask,
         "pixel_values": pixel_values,
         "image_token_pooling": image_pooling,
         "pixel_values_videos": pixel_values_videos,

@@ -190,20 +190,43 @@ class Molmo2Processor:
                             for i, img in enumerate(image_list)]
         processed_videos = self._videos(video_list, video_cfg, video_fps)
 
-        image_strings = iter([self.image_string(p.grid) for p in processed_images])
-        video_strings = iter([self.video_string(p.grid, p.timestamps) for p in processed_videos])
+        image_items, video_items = iter(processed_images), iter(processed_videos)
         pattern = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
+        prompts, media = [], []  # media: per prompt, its images and video in placeholder order
 
         def expand(match: re.Match) -> str:
-            return next(image_strings) if match.group() == IMAGE_PLACEHOLDER else next(video_strings)
+            if match.group() == IMAGE_PLACEHOLDER:
+                media[-1].append(item := next(image_items))
+                return self.image_string(item.grid)
+            media[-1].append(item := next(video_items))
+            return self.video_string(item.grid, item.timestamps)
 
-        prompts = [pattern.sub(expand, t if t.startswith(self.bos_token) else self.bos_token + t) for t in texts]
+        for t in texts:
+            media.append([])
+            prompts.append(pattern.sub(expand, t if t.startswith(self.bos_token) else self.bos_token + t))
         out = self._tokenize(prompts)
         if processed_images:
             out.update(_stack_images(processed_images))
         if processed_videos:
             out.update(_stack_videos(processed_videos))
+        if processed_images and processed_videos:
+            out["video_patch_mask"] = self._video_patch_mask(out["input_ids"], media)
         return out
+
+    def _video_patch_mask(self, input_ids: np.ndarray, media: list[list]) -> np.ndarray:
+        """1 at the `<im_patch>` tokens of videos: each prompt's patch tokens belong to its media in order. Only
+        calls with both images and videos need it (the transformers processor takes one kind at a time)."""
+        mask = np.zeros_like(input_ids)
+        patch_id = self.tokenizer.token_to_id("<im_patch>")
+        for row, items in enumerate(media):
+            flags = [np.full(len(m.pooling_idx), isinstance(m, ProcessedVideo)) for m in items]
+            flags = np.concatenate(flags) if flags else np.zeros(0, bool)
+            where = np.flatnonzero(input_ids[row] == patch_id)
+            if len(where) != len(flags):
+                raise PromptError(f"prompt {row} has {len(where)} <im_patch> tokens but its images and video give "
+                                  f"{len(flags)}; the text must not contain <im_patch> itself")
+            mask[row, where] = flags
+        return mask
 
     def _tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
         ids = self.tokenizer.encode_batch(prompts)

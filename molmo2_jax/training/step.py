@@ -28,6 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from molmo2_jax import distributed
+from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # the model inputs of a batch
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, unflatten
@@ -36,8 +37,6 @@ from molmo2_jax.training.config import TrainConfig, TrainConfigError
 from molmo2_jax.training.loss import weighted_sums
 from molmo2_jax.training.optimizer import FROZEN, make_optimizer, param_labels, schedules
 
-MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_token_pooling",
-              "pixel_values_videos", "video_token_pooling", "position_ids", "segment_ids")
 TARGET_KEYS = ("target_ids", "loss_weights")
 
 
