@@ -101,13 +101,15 @@ def _with_masks(ids: list[int], extra: dict[str, np.ndarray]) -> dict[str, np.nd
 def padded_batch(examples: list[dict[str, np.ndarray]], padding_side: str = "right") -> dict[str, np.ndarray]:
     """One-sequence inputs -> one batch by our `collate` at their exact visual sizes (the reference cannot skip
     padded crops or pooling rows): sequences padded with id 0 (attention_mask 0), crops concatenated, pooling
-    indices global; visual arrays without rows are dropped (the reference wants them absent)."""
+    indices global; visual arrays without rows and our `video_patch_mask` are dropped (the reference wants them
+    absent; it takes one visual stream at a time)."""
     total = lambda key: sum(ex[key].shape[0] for ex in examples if key in ex)
     out = collate(examples, seq_len=max(ex["input_ids"].shape[1] for ex in examples),
                   max_crops=total("pixel_values"), max_image_tokens=total("image_token_pooling"),
                   max_frames=total("pixel_values_videos"), max_video_tokens=total("video_token_pooling"),
                   pad_token_id=0, padding_side=padding_side)
-    return {k: v for k, v in out.items() if k == "input_ids" or np.shape(v)[:1] != (0,)}
+    return {k: v for k, v in out.items()
+            if k != "video_patch_mask" and (k == "input_ids" or np.shape(v)[:1] != (0,))}
 
 
 def reference_logits(model: Molmo2ForConditionalGeneration, inputs: dict[str, np.ndarray]) -> np.ndarray:
