@@ -12,6 +12,7 @@ from molmo2_jax.data.errors import BadExampleError
 from molmo2_jax.data.manifest import ManifestSource, parse_line
 from molmo2_jax.grounding import parse
 from molmo2_jax.preprocessing import Molmo2Processor
+from molmo2_jax.preprocessing.chat_template import apply_chat_template
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ def test_loss_on_answers_only_with_molmo2_weights(processor, media):
     assert [tok.decode(ids[a:b]) for a, b in runs] == ["There are none.<|im_end|>", "A noisy image.<|im_end|>"]
     for a, b in runs:  # 2/sqrt(n) per answer, 1/sqrt(2) for two annotations of one image
         np.testing.assert_allclose(w[a:b], 2 / math.sqrt(b - a) / math.sqrt(2), rtol=1e-6)
-    # the whole sequence is the chat template's rendering with BOS and the image expanded
-    whole = processor(processor.apply_chat_template(
+    # the whole sequence is the training layout (the released template without the space it writes before
+    # assistant turns taken from messages; Molmo2's training formatter has none) with BOS and the image expanded
+    whole = processor(apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}, *messages[1:]],
         add_generation_prompt=False) + "<|im_end|>", images=[str(media["image"])])
     np.testing.assert_array_equal(ids, whole["input_ids"][0])

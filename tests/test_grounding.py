@@ -1,4 +1,5 @@
-"""Grounding: parsing hand-written Molmo2 answers, formatting, round trips and drawing."""
+"""Grounding: parsing hand-written Molmo2 answers, formatting, agreement with the official html-v2
+formatter and extractors of allenai/molmo2, round trips and drawing."""
 
 import json
 import math
@@ -8,8 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from molmo2_jax.data.conversation import answer_text
+from molmo2_jax.data.errors import BadExampleError
 from molmo2_jax.grounding import (
     NONE_ANSWER,
+    NO_TRACKS_ANSWER,
     GroundingError,
     Point,
     Track,
@@ -191,12 +195,16 @@ def test_format_multi_image_ids_continue():
 
 
 def test_format_video_points_and_count_sentences():
+    # Each frame time is its own group, as in the official formatter, even when two times are
+    # written alike (0.5 and 0.54; this test used to expect them merged into one group).
     points = [Point(234, 567, time=2.0), Point(123, 456, time=0.5), Point(100, 100, time=0.54)]
-    element = '<points coords="0.5 1 100 100 2 123 456;2.0 3 234 567">p</points>'
+    element = '<points coords="0.5 1 123 456;0.5 2 100 100;2.0 3 234 567">p</points>'
     assert format_points("p", points) == element
     assert format_count("p", points) == f"Counting the {element} shows a total of 3."
     assert format_count("p", points, mode="count_then_point") == f"There are 3 {element}."
+    assert format_count("p", points, mode="count") == "3"
     assert format_count("p", []) == format_points("p", []) == NONE_ANSWER
+    assert format_count("p", [], mode="count") == NONE_ANSWER
 
 
 def test_format_tracks_renumbers_by_first_appearance():
@@ -206,7 +214,170 @@ def test_format_tracks_renumbers_by_first_appearance():
     assert format_tracks("car", tracks) == (
         '<tracks coords="0.0 1 200 800 2 900 100;0.5 3 600 600;1.0 2 100 100 3 610 620">'
         "car</tracks>")
-    assert format_tracks("car", [Track(1, [])]) == NONE_ANSWER
+    # The official formatter writes "" for frames that are all occluded; we write the no-tracks answer.
+    assert format_tracks("car", []) == format_tracks("car", [Track(1, [])]) == NO_TRACKS_ANSWER
+
+
+# ---------------------------------------------------------------------------------------------
+# The official formatter and parser. Every expected string and parse result below is the output of
+# allenai/molmo2 (commit f3cb108) run on the same inputs: olmo/preprocessing/point_formatter.py's
+# UnifiedPointFormatter.build_for_format("html-v2") with format_image_points(points, [w, h], label,
+# alt_text, mode), format_multi_image_points([1, 3], points, [[w, h], ...], label, mode),
+# format_video_points(times, points per frame, 100, label, mode) (the SFT data's 0..100 scale) and
+# format_video_tracks(frames, [w, h], label, alt_text); and its extract_points,
+# extract_multi_image_points and extract_tracks.
+
+# Pixels of a 100x100 image. 0.45 and 0.35 round to 005 and 003 (normalised first, then rounded half
+# to even); 90.0004 and 90.0 both become 900 so y decides, against their order before rounding;
+# the repeated (50, 20) is a full tie.
+DOTS = [(50, 20), (0.45, 0.35), (9.95, 8.05), (100, 100), (0, 0), (90.0004, 70), (90.0, 80), (50, 20)]
+DOTS_COORDS = "1 1 000 000 2 005 003 3 099 080 4 500 200 5 500 200 6 900 700 7 900 800 8 1000 1000"
+# 0..1000 values: round half to even (2.5 -> 2, 999.5 -> 1000, 500.5 -> 500 after /1000*1000).
+UNITS = [(2.5, 999.5), (0.5, 1.5), (1000, 0), (500.5, 3.5)]
+# Video frames at 0.25 s and 2.75 s have no points; 0.25 is written 0.2 and 2.75 is written 2.8.
+FRAME_TIMES = [0.0, 0.25, 0.5, 2.75, 12.0]
+FRAME_POINTS = [[(1.6, 4.2)], [], [(50, 50), (10, 90), (10, 50)], [], [(100, 0)]]
+VIDEO_COORDS = "0.0 1 016 042;0.2 ;0.5 2 100 500 3 100 900 4 500 500;2.8 ;12.0 5 1000 000"
+
+
+def on_image(xys, image=0):
+    return [Point(x, y, image=image) for x, y in xys]
+
+
+def in_frames(times, frame_points):
+    return [Point(x, y, time=t) for t, xys in zip(times, frame_points) for x, y in xys]
+
+
+OFFICIAL_POINTS = {  # name: (points, sizes, our formatter's other arguments, the official text)
+    "image": (on_image(DOTS), {"image_sizes": [(100, 100)]}, {},
+              f'<points coords="{DOTS_COORDS}">dot</points>'),
+    "image point_then_count alt": (
+        on_image(DOTS), {"image_sizes": [(100, 100)]}, {"mode": "point_then_count", "alt": "eight dots"},
+        f'Counting the <points alt="eight dots" coords="{DOTS_COORDS}">dot</points> shows a total of 8.'),
+    "image count_then_point": (on_image(DOTS), {"image_sizes": [(100, 100)]}, {"mode": "count_then_point"},
+                               f'There are 8 <points coords="{DOTS_COORDS}">dot</points>.'),
+    "image count": (on_image(DOTS), {"image_sizes": [(100, 100)]}, {"mode": "count"}, "8"),
+    "image none": ([], {"image_sizes": [(100, 100)]}, {"mode": "point_then_count"}, "There are none."),
+    "units": (on_image(UNITS), {}, {}, '<points coords="1 1 000 002 2 002 1000 3 500 004 4 1000 000">dot</points>'),
+    "multi-image": (
+        on_image([(90, 10), (10, 20)]) + on_image([(333.3, 5), (1001, 999), (0, 999)], image=2),
+        {"image_sizes": [(100, 100), (7, 7), (1001, 999)]}, {"mode": "point_then_count"},
+        'Counting the <points coords="1 1 100 200 2 900 100;3 3 000 1000 4 333 005 5 1000 1000">dot</points> '
+        "shows a total of 5."),
+    "video": (in_frames(FRAME_TIMES, FRAME_POINTS), {"video_size": (100, 100)}, {"frame_times": FRAME_TIMES},
+              f'<points coords="{VIDEO_COORDS}">dot</points>'),
+    "video point_then_count": (
+        in_frames(FRAME_TIMES, FRAME_POINTS), {"video_size": (100, 100)},
+        {"frame_times": FRAME_TIMES, "mode": "point_then_count"},
+        f'Counting the <points coords="{VIDEO_COORDS}">dot</points> shows a total of 5.'),
+    "video last frame empty": ([Point(1.6, 4.2, time=0.0)], {"video_size": (100, 100)},
+                               {"frame_times": [0.0, 0.5]}, '<points coords="0.0 1 016 042;0.5 ">dot</points>'),
+    "video all frames empty": ([], {"video_size": (100, 100)}, {"frame_times": [0.0, 0.5]}, "There are none."),
+}
+
+
+def assert_same_points(got, want, sizes):
+    """The parsed points `got` are `want` up to half a 0..1000 step, numbered 1.. in written order."""
+    assert [p.id for p in got] == list(range(1, len(got) + 1))
+    left = list(want)
+    for g in got:
+        w, h = sizes["video_size"] if "video_size" in sizes else sizes.get("image_sizes", {0: (1000, 1000)})[
+            g.image]
+        match = [p for p in left if (p.image, p.time) == (g.image, g.time)
+                 and abs(p.x - g.x) <= w / 2000 + 1e-9 and abs(p.y - g.y) <= h / 2000 + 1e-9]
+        assert match, f"{g} is none of {left}"
+        left.remove(match[0])
+    assert left == []
+
+
+@pytest.mark.parametrize("name", OFFICIAL_POINTS)
+def test_points_match_the_official_formatter_both_ways(name):
+    points, sizes, options, official = OFFICIAL_POINTS[name]
+    formatter = format_count if "mode" in options else format_points
+    assert formatter("dot", points, **sizes, **options) == official
+    found = parse(official, **sizes)
+    if "coords" in official:
+        [g] = found
+        assert (g.label, g.alt) == ("dot", options.get("alt"))
+        assert_same_points(g.points, points, sizes)
+    else:  # a bare count, or "There are none."
+        assert found == []
+    assert parse_count(official) == len(points)
+
+
+# The official tracking frames of the fixture, as our tracks (an occluded point is left out):
+#   1.0 s {9: (160, 120), 2: (10, 10), 5: (300, 200)}
+#   0.0 s {9: (100, 100), 2: (100, 100), 5: occluded}    a tie: the official sort keeps 9 before 2
+#   0.5 s {9: occluded, 2: (320, 0)}
+#   1.5 s {9: occluded}, 2.0 s {}                        no group
+#   2.5 s {5: (0.45, 239.0), 2: (0.4, 239.99)}
+RUNNERS = [Track(9, [(1.0, 160, 120), (0.0, 100, 100)]),
+           Track(2, [(1.0, 10, 10), (0.0, 100, 100), (0.5, 320, 0), (2.5, 0.4, 239.99)]),
+           Track(5, [(1.0, 300, 200), (2.5, 0.45, 239.0)])]
+
+
+@pytest.mark.parametrize("tracks, alt, official", [
+    (RUNNERS, None, '<tracks coords="0.0 1 312 417 2 312 417;0.5 2 1000 000;1.0 1 500 500 2 031 042 3 938 833;'
+                    '2.5 2 001 1000 3 001 996">runner</tracks>'),
+    # The frames at 1.0 and 0.0 s only.
+    ([Track(t.object_id, [p for p in t.points if p[0] in (0.0, 1.0)]) for t in RUNNERS], "two runners",
+     '<tracks alt="two runners" coords="0.0 1 312 417 2 312 417;1.0 1 500 500 2 031 042 3 938 833">runner</tracks>'),
+    ([], None, "No tracks available."),
+])
+def test_tracks_match_the_official_formatter_both_ways(tracks, alt, official):
+    size = (320, 240)
+    assert format_tracks("runner", tracks, video_size=size, alt=alt) == official
+    found = parse(official, video_size=size)
+    assert parse_count(official) == len(tracks)
+    if not tracks:
+        assert found == []
+        return
+    [g] = found
+    assert (g.label, g.alt, g.points) == ("runner", alt, [])
+    # New ids follow first appearance: 9 -> 1, 2 -> 2, 5 -> 3.
+    assert [t.object_id for t in g.tracks] == [1, 2, 3]
+    for got, want in zip(g.tracks, tracks):
+        want = sorted(want.points)
+        assert [p[0] for p in got.points] == [p[0] for p in want]
+        np.testing.assert_allclose([p[1:] for p in got.points], [p[1:] for p in want], atol=0.16 + 1e-9)
+
+
+@pytest.mark.parametrize("text, sizes, official", [
+    # Empty frame groups give nothing; 1000 is a 4-digit value.
+    (f'<points coords="{VIDEO_COORDS}">person</points>', {"video_size": (100, 100)},
+     [(0.0, 1.6, 4.2), (0.5, 10.0, 50.0), (0.5, 10.0, 90.0), (0.5, 50.0, 50.0), (12.0, 100.0, 0.0)]),
+    # One image: every group is on it, as official extract_points(text, w, h) reads it; 1001 is
+    # outside; a group after "; " (a space after the separator) is not read.
+    ('Counting the <points coords="1 1 100 200;2 2 1000 1000 3 1001 500; 3 4 500 500">a</points> shows a total of 3.',
+     {"image_sizes": [(640, 480)]}, [(0, 64.0, 96.0), (0, 640.0, 480.0)]),
+    # Several images: the group number picks the image (extract_multi_image_points(text, [w..], [h..]));
+    # "2 1000 0" is no triplet (a value has 3 or 4 digits).
+    ('<points coords="1 1 100 200 2 1000 0;2 3 500 500">a</points>', {"image_sizes": [(100, 100), (50, 50)]},
+     [(0, 10.0, 20.0), (1, 25.0, 25.0)]),
+])
+def test_parse_matches_the_official_extraction(text, sizes, official):
+    points = [p for g in parse(text, **sizes) for p in g.points]
+    assert [(p.time if p.image is None else p.image, p.x, p.y) for p in points] == official
+
+
+def test_parse_tracks_matches_the_official_extraction():
+    # official extract_tracks: frames grouped by time (the two 0.5 s groups merge), an object's
+    # second point in a frame dropped.
+    text = '<tracks coords="0.0 1 100 100 2 500 500;0.5 1 110 120 1 999 999;1.5 2 520 540;0.5 2 010 020">dog</tracks>'
+    [g] = parse(text, video_size=(200, 100))
+    assert [(t.object_id, t.points) for t in g.tracks] == [
+        (1, [(0.0, 20.0, 10.0), (0.5, 22.0, 12.0)]),
+        (2, [(0.0, 100.0, 50.0), (0.5, 2.0, 2.0), (1.5, 104.0, 54.0)])]
+
+
+def test_manifest_video_answers_keep_empty_frames():
+    # The data pipeline writes a manifest's video points through the same formatter; its
+    # "frame_times" gives the frames without points their groups.
+    message = {"role": "assistant", "label": "dot", "format": "point_then_count", "frame_times": FRAME_TIMES,
+               "points": [{"x": p.x, "y": p.y, "t": p.time} for p in in_frames(FRAME_TIMES, FRAME_POINTS)]}
+    assert answer_text(message, [], (100, 100), "m") == OFFICIAL_POINTS["video point_then_count"][3]
+    with pytest.raises(BadExampleError, match=r"^m: format_points: frame_times must be a list"):
+        answer_text({**message, "frame_times": 0.5}, [], (100, 100), "m")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +433,7 @@ def test_roundtrip_tracks_with_occlusions():
 
 def test_roundtrip_count_zero():
     text = format_count("unicorn", [], image_sizes=[(10, 10)])
-    assert text == NONE_ANSWER
+    assert text == format_count("unicorn", [], video_size=(10, 10)) == NONE_ANSWER
     assert parse(text) == [] and parse_count(text) == 0
 
 
@@ -285,13 +456,24 @@ def test_roundtrip_count_zero():
     (lambda: format_points("a", [Point(1, 1, image=2)], image_sizes=[(5, 5)]),
      "image index 2 is invalid"),
     (lambda: format_points("a", [Point(1, 1)], video_size=(5, 5)), "video_size"),
+    (lambda: format_points("a", [], image_sizes=[(5, 5)], video_size=(5, 5)), "video_size"),
     (lambda: format_points("a </points>", [Point(1, 1)]), "label"),
     (lambda: format_points("a", [Point(1, 1)], alt='say "hi"'), "alt"),
-    (lambda: format_count("a", [Point(1, 1)], mode="count"), "mode must be"),
+    (lambda: format_count("a", [Point(1, 1)], mode="points"), "mode must be"),
+    (lambda: format_points("a", [Point(1, 1, time=0.5)], frame_times=[0.0]),
+     r"points\[0\]: time 0.5 is not one of frame_times"),
+    (lambda: format_points("a", [], frame_times=[0.0, 0.5, 0.0]), "frame_times repeats 0.0"),
+    (lambda: format_points("a", [], frame_times=[math.inf]), r"frame_times\[0\]: time must be"),
+    (lambda: format_points("a", [], frame_times=5), "frame_times must be a list of seconds, got 5"),
+    (lambda: format_points("a", [Point(1, 1)], frame_times=[0.0]), "mixes image and video"),
+    (lambda: format_points("a", [], image_sizes=[(5, 5)], frame_times=[0.0]), "video_size"),
     (lambda: format_tracks("a", [Track(1, [(0.5, 1, 1), (0.52, 2, 2)])]),
      "object 1 already has a point at time 0.5"),
     (lambda: format_tracks("a", [Track(1, [(0.0, 1, 1)]), Track(1, [(0.5, 1, 1)])]),
      r"tracks\[1\] repeats object_id 1"),
+    (lambda: format_tracks("a", [Track(1, [(0.0, 1)])]),
+     r"tracks\[0\]\.points\[0\] must be \(time, x, y\), got \(0\.0, 1\)"),
+    (lambda: format_points("a", [], frame_times=["0.5"]), "time must be .* got '0.5'"),
     (lambda: format_tracks("a", [Track(1, [(0.0, 1, 11)])], video_size=(10, 10)),
      r"tracks\[0\]\.points\[0\]"),
 ])

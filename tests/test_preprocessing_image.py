@@ -95,17 +95,55 @@ def test_array_inputs_match_reference(ref):
     np.testing.assert_array_equal(load_image(rgb[..., 0]), np.repeat(rgb[..., :1], 3, axis=-1))
 
 
-def test_sixteen_bit_scaled_not_saturated(ref, tmp_path):
-    # 16-bit greyscale PNG: scaled to 8 bits (the reference would saturate it to white), then
-    # processed exactly like the equivalent 8-bit image.
-    wide = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+def _sixteen_bit_grey(h, w, seed):
+    """uint16 values mostly in 0..400, a band across the whole range: saturation edges in every crop."""
+    rs = np.random.RandomState(seed)
+    grey = rs.randint(0, 400, (h, w)).astype(np.uint16)
+    grey[: h // 8] = rs.randint(0, 65536, (h // 8, w))
+    return grey
+
+
+def _sixteen_bit_inputs(h, w):
+    grey = _sixteen_bit_grey(h, w, seed=h)
+    rgb = np.stack([grey, grey[::-1], np.minimum(grey, 300)], -1)
+    alpha = np.full((h, w, 1), 65535, np.uint16)
+    alpha[h // 2 : h // 2 + 8] = np.random.RandomState(w).randint(0, 65536, (8, w, 1))
+    alpha[-3:] = 0  # fully transparent rows: white, which the reference's uint16 cast wraps to black
+    return {
+        "array HW1": grey[..., None],
+        "array HW3": rgb,
+        "array HW4": np.concatenate([rgb, alpha], -1),
+        "PIL I;16": Image.fromarray(grey),
+        "PIL I": Image.fromarray(grey.astype(np.int32) - 100),  # negatives too
+    }
+
+
+@pytest.mark.parametrize("hw", [(120, 160), (378, 378), (700, 500)])  # upscaled, unresized global view, tiled
+@pytest.mark.parametrize("kind", ["array HW1", "array HW3", "array HW4", "PIL I;16", "PIL I"])
+def test_sixteen_bit_matches_reference(ref, hw, kind):
+    # The reference saturates 16-bit input (PIL modes when converted to RGB, arrays after resizing);
+    # scaling to 8 bits would be far off these values.
+    img = _sixteen_bit_inputs(*hw)[kind]
+    ref_out = ref(images=[img], return_tensors="np")
+    inside = (ref_out["pixel_values"] > -1) & (ref_out["pixel_values"] < 1)
+    assert inside.mean() > 0.2  # not a blank image: grey levels and saturation edges both present
+    assert_matches_reference(ref_out, preprocess_image(load_image(img)))
+
+
+def test_sixteen_bit_png_file(ref, tmp_path):
+    grey = _sixteen_bit_grey(90, 130, seed=1)
     path = tmp_path / "deep.png"
-    Image.fromarray(wide).save(path)
-    as8 = ((wide.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    loaded = load_image(path)
-    np.testing.assert_array_equal(loaded[..., 0], as8)
-    ref_out = ref(images=[Image.fromarray(as8, mode="L")], return_tensors="np")
-    assert_matches_reference(ref_out, preprocess_image(loaded))
+    Image.fromarray(grey).save(path)
+    with Image.open(path) as img:
+        assert img.mode == "I;16"
+        ref_out = ref(images=[img], return_tensors="np")
+    assert_matches_reference(ref_out, preprocess_image(load_image(path)))
+
+
+def test_unsupported_array_dtype_is_named():
+    with pytest.raises(ImageLoadError) as err:
+        load_image(np.zeros((4, 4, 3), np.uint32), name="images[2]")
+    assert str(err.value) == "images[2]: expected a uint8 or uint16 array, got dtype uint32"
 
 
 def test_png_path_and_bytes(ref, tmp_path):

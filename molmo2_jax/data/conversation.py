@@ -82,6 +82,8 @@ def answer_text(message: dict[str, Any], image_sizes: list[tuple[int, int]], vid
         if fmt not in COUNT_FORMATS:
             raise BadExampleError(f"{what}.format must be one of {sorted(COUNT_FORMATS)}, got {fmt!r}")
         points = _points(message["points"], f"{what}.points", video)
+        # Video frames listed in "frame_times" keep their group when they have no point (official format).
+        sizes["frame_times"] = message.get("frame_times")
         if COUNT_FORMATS[fmt] is None:
             return format_points(label, points, **sizes)
         return format_count(label, points, mode=COUNT_FORMATS[fmt], **sizes)

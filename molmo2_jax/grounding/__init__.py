@@ -3,6 +3,7 @@
 from .draw import draw_points, draw_tracks
 from .text import (
     NONE_ANSWER,
+    NO_TRACKS_ANSWER,
     Grounding,
     GroundingError,
     Point,
@@ -16,6 +17,7 @@ from .text import (
 
 __all__ = [
     "NONE_ANSWER",
+    "NO_TRACKS_ANSWER",
     "Grounding",
     "GroundingError",
     "Point",

@@ -19,9 +19,6 @@ from molmo2_jax.preprocessing.errors import ImageLoadError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
-_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-
-
 @dataclass(frozen=True)
 class ImageConfig:
     """Image settings as in the released `preprocessor_config.json`."""
@@ -82,13 +79,8 @@ def _describe(source: Any, name: str | None) -> str:
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
     """PIL image -> `[H, W, 3]` uint8, compositing transparency onto white like the reference.
 
-    16-bit greyscale (modes I;16*, I) is scaled to 8 bits; the reference instead saturates every
-    value above 255 to white, which destroys such images.
+    Deeper modes (I;16*, I, F) go through PIL's RGB conversion like the reference: values clip to 0..255.
     """
-    if img.mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(img).astype(np.int64)
-        arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535
-        return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=-1)
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -97,12 +89,13 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def array_to_rgb(arr: np.ndarray, name: str = "image") -> np.ndarray:
-    """`[H, W]`, `[H, W, 1|3|4]` uint8 or uint16 array -> `[H, W, 3]` uint8 (channels last)."""
-    if arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    elif arr.dtype == np.bool_:
+    """`[H, W]`, `[H, W, 1|3|4]` uint8 or uint16 array -> `[H, W, 3]` of the same dtype (channels last).
+
+    uint16 stays 16-bit: like the reference, `resize_bilinear` saturates it to 0..255 only after resizing.
+    """
+    if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
-    if arr.dtype != np.uint8:
+    if arr.dtype not in (np.uint8, np.uint16):
         raise ImageLoadError(f"{name}: expected a uint8 or uint16 array, got dtype {arr.dtype}")
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -113,14 +106,19 @@ def array_to_rgb(arr: np.ndarray, name: str = "image") -> np.ndarray:
         return np.repeat(arr, 3, axis=-1)
     if arr.shape[-1] == 4:
         # As the reference (torchvision to_dtype): blend onto white in float32, scale back truncating.
-        f = arr.astype(np.float32) * np.float32(1 / 255)
+        # For uint16 the float32 scale 65535.999 is 65536, so white (1.0) comes back as 65536 and the
+        # reference's cast wraps it to 0: opaque white and fully transparent pixels turn black.
+        top = np.iinfo(arr.dtype).max
+        f = arr.astype(np.float32) * np.float32(1 / top)
         rgb = f[..., :3] * f[..., 3:] + (np.float32(1) - f[..., 3:])
-        return (rgb * np.float32(255.999)).astype(np.uint8)
+        return (rgb * np.float32(top + 0.999)).astype(np.int64).astype(arr.dtype)
     return np.ascontiguousarray(arr)
 
 
 def load_image(source: ImageInput, name: str | None = None) -> np.ndarray:
-    """Read an image from a path, bytes, a PIL image or an array into `[H, W, 3]` uint8 RGB.
+    """Read an image from a path, bytes, a PIL image or an array into `[H, W, 3]` RGB.
+
+    uint8, except a uint16 array, which stays uint16 (see `array_to_rgb`).
 
     Raises `ImageLoadError` naming the input when it is missing, unreadable or truncated.
     """
@@ -201,15 +199,15 @@ def _row_strips(in_h: int, out_h: int) -> tuple[tuple[slice, np.ndarray, np.ndar
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize `[..., H, W, C]` uint8 to `[..., height, width, C]` uint8 like the reference.
+    """Resize `[..., H, W, C]` uint8 or uint16 to `[..., height, width, C]` uint8 like the reference.
 
     torch's kernel in float32 (width taps per source row, then the two rows), rounded half to even
-    and clamped. Works per image and per strip of output rows, interpolating only the source rows
-    each strip reads.
+    and clamped to 0..255 (so 16-bit values saturate after interpolation, as in the reference).
+    Works per image and per strip of output rows, interpolating only the source rows each strip reads.
     """
     *lead, in_h, in_w, channels = image.shape
     if (in_h, in_w) == (height, width):
-        return image
+        return image if image.dtype == np.uint8 else np.minimum(image, 255).astype(np.uint8)
     _, _, wy0, wy1 = _linear_taps(in_h, height)
     c0, c1, wc0, wc1 = _column_taps(in_w, width, channels)
     src = image.reshape(-1, in_h, in_w * channels)
@@ -217,7 +215,7 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     for n in range(src.shape[0]):
         for sl, rows, r0, r1 in _row_strips(in_h, height):
             band = np.take(src[n], rows, axis=0)
-            flat = np.multiply(np.take(band, c0, axis=-1), wc0, dtype=np.float32)  # uint8 -> float32 exactly
+            flat = np.multiply(np.take(band, c0, axis=-1), wc0, dtype=np.float32)  # integers -> float32 exactly
             flat += np.multiply(np.take(band, c1, axis=-1), wc1, dtype=np.float32)
             strip = np.take(flat, r0, axis=0)
             strip *= wy0[sl, None]
@@ -360,7 +358,7 @@ class ProcessedImage:
 
 
 def preprocess_image(image: np.ndarray, cfg: ImageConfig = ImageConfig()) -> ProcessedImage:
-    """Tile one `[H, W, 3]` uint8 image: global 378 view + overlapping crops, patchified."""
+    """Tile one `[H, W, 3]` uint8 (or uint16, saturated when resized) image: global 378 view + overlapping crops."""
     h, w = image.shape[:2]
     tiling = compute_tiling(h, w, cfg)
     s = cfg.size

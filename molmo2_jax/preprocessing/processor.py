@@ -16,7 +16,13 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from molmo2_jax.preprocessing.chat_template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, apply_chat_template
+from molmo2_jax.preprocessing.chat_template import (
+    IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+    ChatTemplate,
+    apply_chat_template,
+    load_chat_template,
+)
 from molmo2_jax.preprocessing.errors import PromptError, TokenizerLoadError
 from molmo2_jax.preprocessing.image import (
     ImageConfig,
@@ -64,8 +70,10 @@ class Molmo2Processor:
         use_single_crop_start_token: bool = True,
         video_use_col_tokens: bool = False,
         use_frame_special_tokens: bool = True,
+        chat_template: ChatTemplate | None = None,
     ):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template  # None: the built-in restatement of the released template
         self.image_config = image_config
         self.video_config = video_config
         self.image_use_col_tokens = image_use_col_tokens
@@ -84,7 +92,8 @@ class Molmo2Processor:
         """Load tokenizer and processor settings from a checkpoint directory.
 
         Reads the released files (`preprocessor_config.json`, `video_preprocessor_config.json`,
-        `processor_config.json`) or the single `processor_config.json` transformers 5 writes.
+        `processor_config.json`) or the single `processor_config.json` transformers 5 writes, and the
+        chat template the directory ships (`chat_template.jinja` or a `chat_template` entry).
         """
         path = Path(path)
         if not path.is_dir():
@@ -96,7 +105,7 @@ class Molmo2Processor:
                                       "use_single_crop_start_token", "video_use_col_tokens",
                                       "use_frame_special_tokens") if k in proc}
         return cls(Molmo2Tokenizer.from_pretrained(path), ImageConfig.from_dict(image), VideoConfig.from_dict(video),
-                   **flags)
+                   **flags, chat_template=load_chat_template(path))
 
     # ------------------------------------------------------------------------------------------
     # Placeholder expansion
@@ -119,8 +128,12 @@ class Molmo2Processor:
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = False) -> str | list[int]:
-        """The released chat template (without BOS); with `tokenize`, the ids (with BOS) instead."""
-        prompt = apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        """The checkpoint's chat template rendered as transformers renders it (the built-in restatement of
+        the released one when the directory ships none); with `tokenize`, the ids, BOS first, instead."""
+        if self.chat_template is None:
+            prompt = apply_chat_template(messages, add_generation_prompt=add_generation_prompt, assistant_space=True)
+        else:
+            prompt = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
         if not tokenize:
             return prompt
         return self.tokenizer.encode(prompt if prompt.startswith(self.bos_token) else self.bos_token + prompt)
