@@ -17,6 +17,9 @@ import molmo2_jax.commands as commands
 from molmo2_jax.errors import Molmo2Error
 
 
+EVAL_EXTRA = ("scipy", "pycocotools", "trackeval", "pyarrow")  # pyproject's `eval` extra
+
+
 def command_names() -> list[str]:
     return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(commands.__path__)
                   if not m.name.startswith("_"))
@@ -40,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if e.name not in EVAL_EXTRA:
+            raise
+        print(f"{sub.prog}: error: {e.name} is not installed; it comes with the eval extra: "
+              f"pip install 'molmo2-jax[eval]'", file=sys.stderr)
+        return 1
     except (Molmo2Error, OSError) as e:
         print(f"{sub.prog}: error: {e}", file=sys.stderr)
         return getattr(module, "ERROR_EXIT_CODE", 1)

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from transformers import Molmo2Config, Molmo2ForConditionalGeneration, Molmo2ImageProcessor, Molmo2VideoProcessor
 
+from molmo2_jax.preprocessing import collate
+
 # Token ids of the tiny models: base vocabulary 300, the ten Molmo2 tokens right after it.
 VOCAB = 300
 IM_START, IM_END, IM_PATCH, IM_COL, LOW_RES_START = 300, 301, 302, 303, 304
@@ -60,8 +62,9 @@ def text_ids(rng: np.random.Generator, n: int) -> list[int]:
     return rng.integers(1, VOCAB, n).tolist()
 
 
-def image_inputs(images: list[Image.Image], seed: int = 0) -> dict[str, np.ndarray]:
-    """One sequence with each image's token block (released layout) between random text tokens."""
+def image_inputs(images: list[Image.Image], seed: int = 0, text_after: int = 2) -> dict[str, np.ndarray]:
+    """One sequence with each image's token block (released layout) between random text tokens (3 before the
+    first image, `text_after` after each)."""
     processed = Molmo2ImageProcessor()(images=images, return_tensors="np")
     rng = np.random.default_rng(seed)
     ids = text_ids(rng, 3)
@@ -69,7 +72,7 @@ def image_inputs(images: list[Image.Image], seed: int = 0) -> dict[str, np.ndarr
         low_h, low_w, rows, cols = (int(x) for x in grid)
         ids += [LOW_RES_START] + [IM_PATCH] * (low_h * low_w) + [IM_END]
         ids += [IM_START] + ([IM_PATCH] * cols + [IM_COL]) * rows + [IM_END]
-        ids += text_ids(rng, 2)
+        ids += text_ids(rng, text_after)
     return _with_masks(ids, {k: np.asarray(v) for k, v in processed.items()})
 
 
@@ -79,7 +82,8 @@ def video_inputs(num_frames: int, seed: int = 0, frame_special_tokens: bool = Tr
     start, end = (FRAME_START, FRAME_END) if frame_special_tokens else (IM_START, IM_END)
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 256, (num_frames, 48, 64, 3), dtype=np.uint8)
-    processed = Molmo2VideoProcessor()(videos=[frames], do_sample_frames=False, fps=2.0, return_tensors="np")
+    processor = Molmo2VideoProcessor(do_rescale=True, do_normalize=True)  # as the released files say (to [-1, 1])
+    processed = processor(videos=[frames], do_sample_frames=False, fps=2.0, return_tensors="np")
     ids = text_ids(rng, 3)
     n, rows, cols = (int(x) for x in processed["video_grids"][0])
     for _ in range(n):
@@ -92,6 +96,20 @@ def _with_masks(ids: list[int], extra: dict[str, np.ndarray]) -> dict[str, np.nd
     input_ids = np.asarray([ids], np.int64)
     return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
             "mm_token_type_ids": np.isin(input_ids, MM_IDS).astype(np.int64), **extra}
+
+
+def padded_batch(examples: list[dict[str, np.ndarray]], padding_side: str = "right") -> dict[str, np.ndarray]:
+    """One-sequence inputs -> one batch by our `collate` at their exact visual sizes (the reference cannot skip
+    padded crops or pooling rows): sequences padded with id 0 (attention_mask 0), crops concatenated, pooling
+    indices global; visual arrays without rows and our `video_patch_mask` are dropped (the reference wants them
+    absent; it takes one visual stream at a time)."""
+    total = lambda key: sum(ex[key].shape[0] for ex in examples if key in ex)
+    out = collate(examples, seq_len=max(ex["input_ids"].shape[1] for ex in examples),
+                  max_crops=total("pixel_values"), max_image_tokens=total("image_token_pooling"),
+                  max_frames=total("pixel_values_videos"), max_video_tokens=total("video_token_pooling"),
+                  pad_token_id=0, padding_side=padding_side)
+    return {k: v for k, v in out.items()
+            if k != "video_patch_mask" and (k == "input_ids" or np.shape(v)[:1] != (0,))}
 
 
 def reference_logits(model: Molmo2ForConditionalGeneration, inputs: dict[str, np.ndarray]) -> np.ndarray:

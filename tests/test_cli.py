@@ -16,7 +16,8 @@ from molmo2_jax.config import CONFIGS, ConfigError, load_preset, packaged_config
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.training.config import TrainConfigError, load_train_config
 
-COMMANDS = ["build-synthetic", "convert", "eval-synthetic", "export", "generate", "plan", "train", "verify"]
+COMMANDS = ["build-synthetic", "convert", "convert-dataset", "eval", "eval-synthetic", "export", "generate", "plan",
+            "score", "train", "verify"]
 
 
 def test_every_entry_point_is_a_subcommand():

@@ -116,10 +116,37 @@ def import_params(src: str | Path, config: Molmo2Config, shapes: dict[str, tuple
                   ) -> dict[str, object]:
     """Stream a Molmo2 HF checkpoint (released or native layout) into `{param_path: place(path, array)}`;
     see `import_rules`."""
-    source = TensorSource(Path(src))
+    return _import_source(TensorSource(Path(src)), config, shapes, dtype=dtype, place=place, progress=progress,
+                          allocate=allocate)
+
+
+class ArraySource(TensorSource):
+    """Named in-memory arrays, read like the tensors of a checkpoint."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], label: str = "<in-memory tensors>"):
+        self.arrays = arrays
+        self.src = Path(label)
+
+    def names(self) -> set[str]:
+        return set(self.arrays)
+
+    def get(self, name: str) -> np.ndarray:
+        return np.asarray(self.arrays[name])
+
+
+def import_arrays(arrays: Mapping[str, np.ndarray], config: Molmo2Config, shapes: dict[str, tuple[int, ...]],
+                  dtype: str = "float32") -> dict[str, np.ndarray]:
+    """`{HF name: array}` in the released or native layout (e.g. a torch model's `named_parameters`, or their
+    gradients) -> `{param_path: array}` by the same table and checks as `import_params`. Every rule only moves
+    entries (transpose, reshape, split, concatenate), so gradients map exactly as the weights do."""
+    return _import_source(ArraySource(arrays), config, shapes, dtype=dtype)
+
+
+def _import_source(source: TensorSource, config: Molmo2Config, shapes: dict[str, tuple[int, ...]],
+                   **kwargs) -> dict[str, object]:
     table = active_rules(detect_layout(source.names(), source.src), config)
-    return import_rules(source, table, config, shapes, dtype=dtype, place=place, progress=progress,
-                        allocate=allocate, unused=lambda name: _unused_vit_block(name, config))
+    return import_rules(source, table, config, shapes, unused=lambda name: _unused_vit_block(name, config),
+                        **kwargs)
 
 
 def import_rules(source: TensorSource, rules: Iterable[Rule], config: Molmo2Config,

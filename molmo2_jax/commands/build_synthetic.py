@@ -1,4 +1,4 @@
-"""`molmo2-jax build_synthetic --out DIR`: generate the synthetic grounding set (TFDS array_record files),
+"""`molmo2-jax build-synthetic --out DIR`: generate the synthetic grounding set (TFDS array_record files),
 its sentencepiece tokenizer and processor configs. No downloads."""
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def data_source(dataset_dir: str | Path, split: str):
     path = Path(dataset_dir)
     if not (path / "dataset_info.json").is_file():
         raise DataError(f"{path}: not a TFDS dataset directory (no dataset_info.json); build it with "
-                        f"`molmo2-jax build_synthetic --out DIR` or point at NAME/VERSION inside a data_dir")
+                        f"`molmo2-jax build-synthetic --out DIR` or point at NAME/VERSION inside a data_dir")
     builder = tfds.builder_from_directory(str(path))
     if split not in builder.info.splits:
         raise DataError(f"{path}: no split {split!r}; splits are {sorted(builder.info.splits)}")
@@ -98,7 +98,7 @@ def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConf
     import tempfile
 
     from molmo2_jax.data.errors import DataError
-    from molmo2_jax.data.spm import train_sentencepiece, write_tokenizer_dir
+    from molmo2_jax.data.spm import processor_files, train_sentencepiece, write_tokenizer_dir
     from molmo2_jax.data.synthetic import corpus
     from molmo2_jax.preprocessing.image import ImageConfig
 
@@ -109,14 +109,16 @@ def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConf
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a directory; choose another --out")
+    processor = {"crop_size": crop_size, "max_crops": max_crops, "num_frames": max(16, config.video_frames + 1)}
     settings = {**json.loads(config.to_json()), "vocab_size": vocab_size, "crop_size": crop_size,
-                "max_crops": max_crops}
+                "max_crops": max_crops, "processor_files": processor_files(**processor)}
     if reuse and (out / SETTINGS_FILE).is_file():
         built = json.loads((out / SETTINGS_FILE).read_text())
         if built == settings:
             return out
         if not overwrite:
-            changed = ", ".join(f"{k} {built.get(k)} -> {v}" for k, v in settings.items() if built.get(k) != v)
+            changed = ", ".join(f"{k} changed" if isinstance(v, dict) else f"{k} {built.get(k)} -> {v}"
+                                for k, v in settings.items() if built.get(k) != v)
             raise DataError(f"{out} was built with other settings ({changed}); remove it, choose another --out "
                             "or pass --overwrite")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -127,8 +129,7 @@ def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConf
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        write_tokenizer_dir(train_sentencepiece(corpus(config), vocab_size), tmp / "tokenizer",
-                            crop_size=crop_size, max_crops=max_crops, num_frames=max(16, config.video_frames + 1))
+        write_tokenizer_dir(train_sentencepiece(corpus(config), vocab_size), tmp / "tokenizer", **processor)
         build(tmp, config)
         shutil.rmtree(tmp / "downloads", ignore_errors=True)
         (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")

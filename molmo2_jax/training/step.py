@@ -143,7 +143,10 @@ class TrainStep:
         logits, _ = self.module.apply({"params": params}, **inputs)
         return weighted_sums(logits, micro_batch["target_ids"], micro_batch["loss_weights"])
 
-    def _train_step(self, state, batch):
+    def gradients(self, params, batch):
+        """`(grads, sums)` of one optimizer batch: the gradients of `(ce + z_loss_scale * z) / total loss weight`,
+        summed over the micro-batches (so accumulation equals one large batch), and the un-normalised loss sums
+        of `loss.weighted_sums` summed likewise. `step` applies exactly these gradients (frozen params get zero)."""
         z_scale = self.train_config.optimizer.z_loss_scale
         total = jnp.sum(batch["loss_weights"].astype(jnp.float32))
         norm = jnp.where(total > 0, total, 1.0)
@@ -153,12 +156,18 @@ class TrainStep:
                 sums = self._loss_sums(params, micro_batch)
                 return (sums["ce"] + z_scale * sums["z"]) / norm, sums
 
-            (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
             return jax.tree_util.tree_map(jnp.add, grads, g), sums
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         grads, sums = jax.lax.scan(micro, zeros, batch)
-        sums = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
+        return grads, jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
+
+    def _train_step(self, state, batch):
+        z_scale = self.train_config.optimizer.z_loss_scale
+        grads, sums = self.gradients(state["params"], batch)
+        total = sums["weight"]
+        norm = jnp.where(total > 0, total, 1.0)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {

@@ -1,0 +1,194 @@
+"""Training examples from Ai2's released datasets: hub rows (parquet / JSON on local disk, read with
+`molmo2_jax.evaluation.datasets.read_rows`) with media in a local directory, turned into JSONL
+manifest records (docs/data.md) the data pipeline reads.
+
+    pixmo-points         image_url/image_sha256, label, points [{x, y}] on 0..100   -> pointing or counting
+    pixmo-count          image_url/image_sha256, label, count, points {x: [..], y: [..]} on 0..100
+    molmo2-videopoint    video_id, question, label, count, points per two_fps_timestamps on 0..100
+    molmo2-videotrack    id, clip, fps, w, h, exp, mask_id, points [{object_id, points: [[x, y] | null]}]
+    molmo2-humanqa       video_id, question, answer (Molmo2-AskModelAnything)       -> one conversation a video
+    molmo2-capqa         video_id, Question, Answer, NegativeAnswers (Molmo2-VideoCapQA) -> likewise
+
+Images are found in the media directory by the row's `image` path, its sha256 (a file named
+`<sha256>` with any extension, as Ai2's download script saves them) or its URL's file name; videos
+as `<video_id>.*` or `<clip>.*`. Prompts are the first of the official template list of each task
+(the official pipeline samples one). A row that cannot be used is skipped with its id and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from molmo2_jax.data.errors import DataError
+from molmo2_jax.evaluation.datasets import read_rows
+
+
+class RowError(DataError):
+    """A row that cannot become a training example; the message is the reason."""
+
+
+def _find(media: Path, *names: str | None) -> Path:
+    for name in names:
+        if not name:
+            continue
+        if (media / name).is_file():
+            return media / name
+        found = sorted(p for p in media.glob(f"{Path(name).name}.*") if p.is_file())
+        if found:
+            return found[0]
+    raise RowError(f"no media file for {' / '.join(n for n in names if n)} in {media}")
+
+
+def _image(row: dict, media: Path) -> str:
+    url_name = Path(row["image_url"]).name if row.get("image_url") else None
+    return str(_find(media, row.get("image"), row.get("image_sha256"), url_name))
+
+
+def _points_message(label: str, points: list[tuple[float, float]], style: str, **extra) -> dict:
+    """An assistant turn with points given on Molmo2's 0..100 annotation scale."""
+    return {"role": "assistant", "label": label, "format": "count" if style == "count" else "points",
+            "units": "normalized", "points": [{"x": 10 * x, "y": 10 * y, **extra} for x, y in points]}
+
+
+def _question(label: str, style: str, media_kind: str = "image") -> str:
+    if style == "count":
+        return f"How many {label} are there?"
+    return f"Point to {label}\nPlease say 'There are none.' if it is not in the {media_kind}."
+
+
+def pixmo_points(row: dict, media: Path, style: str) -> dict:
+    points = [(p["x"], p["y"]) for p in row["points"]]
+    return {"image": _image(row, media), "messages": [
+        {"role": "user", "content": _question(row["label"], style)},
+        _points_message(row["label"], points, style)]}
+
+
+def pixmo_count(row: dict, media: Path, style: str) -> dict:
+    xs, ys = row["points"]["x"], row["points"]["y"]
+    if len(xs) != int(row["count"]):
+        raise RowError(f"{len(xs)} points but count {row['count']}")
+    return {"image": _image(row, media), "messages": [
+        {"role": "user", "content": _question(row["label"], style)},
+        _points_message(row["label"], list(zip(xs, ys)), style)]}
+
+
+def molmo2_videopoint(row: dict, media: Path, style: str) -> dict:
+    if row.get("annotator_unsure"):
+        raise RowError("annotator_unsure (the official training uses only sure rows)")
+    start, end, duration = row.get("clip_start"), row.get("clip_end"), row["video_duration"]
+    if start not in (None, 0, 0.0) or (end is not None and end < duration):
+        raise RowError(f"needs the clip {start}-{end} s of a {duration} s video, which a manifest cannot express")
+    if len(row["points"]) != len(row["two_fps_timestamps"]):
+        raise RowError("points and two_fps_timestamps differ in length")
+    points = [(t, p["x"], p["y"]) for t, frame in zip(row["two_fps_timestamps"], row["points"]) for p in frame]
+    message = {"role": "assistant", "label": row["label"], "units": "normalized",
+               "format": "count" if style == "count" else "points",
+               "points": [{"t": t, "x": 10 * x, "y": 10 * y} for t, x, y in points]}
+    question = row["question"] if style == "count" and row.get("question") else _question(row["label"], style, "video")
+    return {"video": str(_find(media, row["video_id"])), "messages": [{"role": "user", "content": question}, message]}
+
+
+def molmo2_videotrack(row: dict, media: Path, style: str, sampling_fps: int = 2) -> dict:
+    fps = row["fps"]
+    step = fps // sampling_fps
+    if not step:
+        raise RowError(f"fps {fps} is below the sampling rate {sampling_fps}")
+    tracks = []
+    for n, track in enumerate(row["points"], 1):
+        points = [{"t": f / fps, "x": xy[0], "y": xy[1]} for f, xy in enumerate(track["points"])
+                  if xy and f % step == 0]
+        if points:
+            tracks.append({"id": n, "points": points})
+    return {"video": str(_find(media, row["clip"])), "messages": [
+        {"role": "user", "content": f"Track {row['exp']} in {sampling_fps} FPS."},
+        {"role": "assistant", "label": row["exp"], "tracks": tracks}]}
+
+
+def molmo2_humanqa(rows: list[dict], media: Path, style: str) -> dict:
+    """All of a video's human QA pairs as one conversation; pairs with an empty answer are dropped."""
+    messages = []
+    for row in rows:
+        if row["answer"].strip():
+            messages += [{"role": "user", "content": row["question"].strip()},
+                         {"role": "assistant", "content": row["answer"].strip()}]
+    if not messages:
+        raise RowError("no answered question")
+    return {"video": str(_find(media, rows[0]["video_id"])), "messages": messages}
+
+
+def molmo2_capqa(rows: list[dict], media: Path, style: str) -> dict:
+    """A video's multiple-choice questions as one conversation, in the official evaluation-style
+    template ("Only return the correct answer option." then lettered options; the answer "B. text").
+    The right option's place is drawn from a generator seeded by the question, so a rerun gives the
+    same file (the official loader draws it unseeded)."""
+    messages = []
+    for row in rows:
+        options = list(row["NegativeAnswers"])
+        index = random.Random(f"{row['video_id']}|{row['Question']}").randint(0, len(options))
+        options.insert(index, row["Answer"])
+        letters = string.ascii_uppercase
+        if len(options) > len(letters):
+            raise RowError(f"{len(options)} options; at most {len(letters)} can be lettered")
+        listed = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
+        messages += [{"role": "user", "content": f"{row['Question']}\nOnly return the correct answer option.\n{listed}"},
+                     {"role": "assistant", "content": f"{letters[index]}. {row['Answer']}"}]
+    return {"video": str(_find(media, rows[0]["video_id"])), "messages": messages}
+
+
+READERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "pixmo-points": (pixmo_points, ("label", "points")),
+    "pixmo-count": (pixmo_count, ("label", "count", "points")),
+    "molmo2-videopoint": (molmo2_videopoint, ("video_id", "label", "points", "two_fps_timestamps", "video_duration")),
+    "molmo2-videotrack": (molmo2_videotrack, ("clip", "fps", "exp", "points")),
+    "molmo2-humanqa": (molmo2_humanqa, ("video_id", "question", "answer")),
+    "molmo2-capqa": (molmo2_capqa, ("video_id", "Question", "Answer", "NegativeAnswers")),
+}
+# Schemas whose rows are grouped by video into one multi-turn example, as the official loaders do
+BY_VIDEO = {"molmo2-humanqa", "molmo2-capqa"}
+
+
+def manifest_records(schema: str, data: str | Path, media: str | Path, *, style: str = "point",
+                     log: Callable[[str], None] | None = print) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Manifest records of a released data file, and (id, reason) of the rows skipped."""
+    if schema not in READERS:
+        raise DataError(f"unknown schema {schema!r}; choose one of {', '.join(READERS)}")
+    if style not in ("point", "count"):
+        raise DataError(f"style must be 'point' or 'count', got {style!r}")
+    media = Path(media)
+    if not media.is_dir():
+        raise DataError(f"media directory {media} not found")
+    reader, required = READERS[schema]
+    rows = read_rows(data)
+    if rows and (missing := [f for f in required if f not in rows[0]]):
+        raise DataError(f"{data}: not a {schema} file: rows lack {', '.join(missing)} "
+                        f"(they have {', '.join(sorted(rows[0]))})")
+    if schema in BY_VIDEO:  # one item per video, in order of first appearance
+        groups: dict[str, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(str(row["video_id"]), []).append(row)
+        items = [(video_id, group) for video_id, group in groups.items()]
+    else:
+        items = [(str(row.get("id", row.get("example_id", n))), row) for n, row in enumerate(rows)]
+    records, skipped = [], []
+    for n, (row_id, row) in enumerate(items):
+        try:
+            records.append({"id": row_id, **reader(row, media, style)})
+        except (RowError, KeyError, TypeError, ValueError) as e:
+            reason = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            skipped.append((row_id, reason))
+            if log:
+                log(f"{data}: skipping {'video' if schema in BY_VIDEO else 'row'} {n} (id {row_id}): {reason}")
+    return records, skipped
+
+
+def write_manifest(records: list[dict[str, Any]], out: str | Path) -> None:
+    """Write records as a JSONL manifest: to a temporary name, then renamed."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out)

@@ -1,0 +1,179 @@
+"""`molmo2-jax eval` on a tiny checkpoint over sets in the pixmo-points-eval and Molmo2-VideoPointEval
+schemas: a killed run resumes where it stopped and ends with the predictions of an uninterrupted run."""
+
+import json
+
+import pytest
+import numpy as np
+import torch
+from ref_model import random_image, tiny_config
+from ref_tokenizer import CONFIG_TOKEN_IDS, make_tokenizer_dir
+from test_generation import enliven
+from transformers import Molmo2ForConditionalGeneration
+
+import eval_fixtures as F
+from molmo2_jax.cli import main
+from molmo2_jax.commands import eval as eval_command
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval_ckpt")
+    ids = CONFIG_TOKEN_IDS["qwen3"]
+    config = tiny_config("qwen3", vocab_size=ids["vocab_size"], additional_vocab_size=ids["additional_vocab_size"])
+    for key, value in ids.items():
+        if key not in ("vocab_size", "additional_vocab_size"):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    model = Molmo2ForConditionalGeneration(config).eval()
+    enliven(model)
+    model.save_pretrained(path)
+    make_tokenizer_dir(path, "qwen3")
+    return path, model
+
+
+def _write_video(path, seed):
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = F.W, F.H, "yuv420p"
+        for _ in range(4):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (F.H, F.W, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+@pytest.fixture(scope="module", params=["pointing", "video_pointing"])
+def dataset(request, tmp_path_factory):
+    """(task, directory with test.json in the pixmo-points-eval or Molmo2-VideoPointEval schema + media)."""
+    d = tmp_path_factory.mktemp(request.param)
+    if request.param == "pointing":
+        rows, _ = F.pointing_set()
+        rows = [dict(r, image=f"{n}.png") for n, r in enumerate(rows[:3])]
+        for n in range(3):
+            random_image(F.W, F.H, n).save(d / f"{n}.png")
+    else:
+        rows, _ = F.video_pointing_set()
+        rows = [dict(r, video_id=f"video{n}") for n, r in enumerate(rows[:3])]
+        for n in range(3):
+            _write_video(d / f"video{n}.mp4", n)
+    (d / "test.json").write_text(json.dumps(rows))
+    return request.param, d
+
+
+def _eval(checkpoint, dataset, out, capsys):
+    task, d = dataset
+    checkpoint = checkpoint[0]
+    code = main(["eval", "--checkpoint", str(checkpoint), "--task", task, "--data", str(d / "test.json"),
+                 "--media", str(d), "--out", str(out), "--max-new-tokens", "6"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_eval_writes_answers_and_resumes_after_a_kill(checkpoint, dataset, tmp_path, capsys, monkeypatch):
+    code, out, err = _eval(checkpoint, dataset, tmp_path / "full", capsys)
+    assert code == 0 and "3/3" in err and "examples/s" in err
+    full = (tmp_path / "full" / "predictions.jsonl").read_text()
+    assert [json.loads(line)["id"] for line in full.splitlines()] == ["0", "1", "2"]
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == json.loads(out)
+
+    real_ask, asked = eval_command._ask, []
+
+    def ask_then_die(*args):  # killed while answering the second example
+        if len(asked) == 1:
+            raise KeyboardInterrupt
+        asked.append(args[2].id)
+        return real_ask(*args)
+
+    monkeypatch.setattr(eval_command, "_ask", ask_then_die)
+    code, _, _ = _eval(checkpoint, dataset, tmp_path / "killed", capsys)
+    predictions = tmp_path / "killed" / "predictions.jsonl"
+    assert code == 130 and not (tmp_path / "killed" / "metrics.json").exists()
+    with predictions.open("a") as f:
+        f.write('{"id": "1", "predic')  # a line cut off by the kill
+
+    asked.clear()
+    monkeypatch.setattr(eval_command, "_ask", lambda *args: asked.append(args[2].id) or real_ask(*args))
+    code, out, _ = _eval(checkpoint, dataset, tmp_path / "killed", capsys)
+    assert code == 0 and asked == ["1", "2"]  # only what the first run had not finished
+    assert predictions.read_text() == full
+    assert json.loads(out) == json.loads((tmp_path / "full" / "metrics.json").read_text())
+
+
+def transformers_answers(checkpoint, rows, media, new_tokens):
+    """Greedy answers of the reference model + processor (the prompt eval asks for pixmo-points-eval)."""
+    from PIL import Image
+    from ref_tokenizer import make_reference_processor
+
+    path, model = checkpoint
+    processor = make_reference_processor(path)
+    out = []
+    for row in rows:
+        content = [{"type": "image"}, {"type": "text", "text": f"Point to {row['label']}\nPlease say "
+                                                               "'There are none.' if it is not in the image."}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        image = Image.open(media / row["image"]).convert("RGB")
+        inputs = processor(text=text, images=[image], return_tensors="pt", max_crops=24)
+        inputs = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        out.append(processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def test_score_of_transformers_answers_equals_evals_own(checkpoint, dataset, tmp_path, capsys):
+    task, d = dataset
+    if task != "pointing":
+        pytest.skip("the reference loop is run on the image set")
+    code, out, _ = _eval(checkpoint, dataset, tmp_path / "ours", capsys)
+    ours = [json.loads(line) for line in (tmp_path / "ours" / "predictions.jsonl").read_text().splitlines()]
+    rows = json.loads((d / "test.json").read_text())
+    theirs = transformers_answers(checkpoint, rows, d, 6)
+    assert [p["prediction"] for p in ours] == theirs  # the texts agree ...
+    predictions = tmp_path / "transformers.jsonl"
+    predictions.write_text("".join(json.dumps({"id": str(n), "prediction": t}) + "\n" for n, t in enumerate(theirs)))
+    assert main(["score", "--task", "pointing", "--data", str(d / "test.json"), "--predictions", str(predictions),
+                 "--media", str(d)]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    own = json.loads(out)
+    assert [scored[k] for k in ("precision", "recall", "f1")] == [own[k] for k in ("precision", "recall", "f1")]
+
+
+def test_two_processes_give_the_predictions_of_one(checkpoint, dataset, tmp_path, capsys):
+    """Two `eval` processes joined by jax.distributed (loopback coordinator) split the examples and end
+    with the predictions and metrics of one process; a pair run again after a shorter run resumes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    task, d = dataset
+    if task != "pointing":
+        pytest.skip("one schema is enough for the process split")
+    _eval(checkpoint, dataset, tmp_path / "one", capsys)
+
+    def run_pair(out, limit=None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [sys.executable, "-m", "molmo2_jax.cli", "eval", "--checkpoint", str(checkpoint[0]), "--task", task,
+                "--data", str(d / "test.json"), "--media", str(d), "--out", str(out), "--max-new-tokens", "6",
+                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+        argv += ["--limit", str(limit)] if limit else []
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        procs = [subprocess.Popen(argv + ["--process-id", str(k)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+        results = [p.communicate(timeout=600) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], results
+        return results[0][0].strip().splitlines()[-1]  # gloo writes its own lines to stdout first
+
+    run_pair(tmp_path / "two", limit=2)  # a first run that stops early: examples 0 and 1 answered
+    assert (tmp_path / "two" / "predictions.1.jsonl").read_text().count("\n") == 1
+    out = run_pair(tmp_path / "two")
+    assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert json.loads(out) == json.loads((tmp_path / "one" / "metrics.json").read_text())
