@@ -41,7 +41,8 @@ def size_text(nbytes: float) -> str:
 
 
 def root_cause(error: BaseException) -> BaseException:
-    while (cause := error.__cause__ or error.__context__) is not None and cause is not error:
+    """The innermost exception `error` was raised from or while handling (not past a `raise ... from None`)."""
+    while (cause := error.__cause__ or (None if error.__suppress_context__ else error.__context__)) is not None:
         error = cause
     return error
 

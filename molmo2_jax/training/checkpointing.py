@@ -10,6 +10,7 @@ shape fails with the differing params named.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import shutil
@@ -141,11 +142,10 @@ class Checkpointer:
                 raise
             except Exception as e:
                 where = self.directory / str(step)
-                aside = where.with_name(f"{step}.unreadable")
+                aside = next(p for n in itertools.count() if not (p := where.with_name(
+                    f"{step}.unreadable" + (f"-{n}" if n else ""))).exists())  # never over an earlier one
                 then = f"resuming from step {steps[k + 1]}" if k + 1 < len(steps) else "no other step to resume from"
                 log(f"checkpoint step {step} is unreadable ({error_line(e)}); moved it to {aside}, {then}")
-                if aside.exists():
-                    shutil.rmtree(aside)
                 where.rename(aside)
                 self.manager.reload()
         if steps:
