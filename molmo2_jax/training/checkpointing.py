@@ -103,9 +103,25 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         with self._reporting_failures():  # the previous step's save ends (and may fail) in here
             self.manager.wait_until_finished()
+        self._check_free_space(step, state)
         self._saving = step
         with self._reporting_failures():
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def _check_free_space(self, step: int, state: dict[str, Any]) -> None:
+        """Refuse a save that cannot fit before writing anything: a write that runs into a full disk fails in
+        Orbax's writer threads, which leave tracebacks behind. The size is that of the latest saved step, or the
+        state's bytes for the first save. One process only: on several, all would have to agree to skip."""
+        if jax.process_count() > 1:
+            return
+        latest = self.latest_step()
+        needed = (sum(f.stat().st_size for f in (self.directory / str(latest)).rglob("*") if f.is_file())
+                  if latest is not None else sum(x.nbytes for x in jax.tree_util.tree_leaves(state)))
+        free = free_bytes(self.directory)
+        if free < needed:
+            raise CheckpointSaveError(f"could not save step {step} to {self.directory / str(step)}: no space left on "
+                                      f"device ({size_text(free)} free, a step takes about {size_text(needed)}); "
+                                      "nothing was written")
 
     def wait(self) -> None:
         """Wait for the save in flight; raises CheckpointSaveError if it failed."""
@@ -121,10 +137,10 @@ class Checkpointer:
             step, self._saving = self._saving, None
             if step is None:
                 raise
-            for partial in self.directory.glob(f"{step}{ocp.path.atomicity.TMP_DIR_SUFFIX}*"):
-                shutil.rmtree(partial, ignore_errors=True)
             why = (f"no space left on device ({size_text(free_bytes(self.directory))} free)" if is_no_space(e)
                    else error_line(e))
+            for partial in self.directory.glob(f"{step}{ocp.path.atomicity.TMP_DIR_SUFFIX}*"):
+                shutil.rmtree(partial, ignore_errors=True)
             raise CheckpointSaveError(f"could not save step {step} to {self.directory / str(step)}: {why}; "
                                       "its partial files are removed") from None
 

@@ -40,7 +40,8 @@ class DataExhaustedError(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT stopped the run after a step whose checkpoint was saved; `exit_code` is 128 + signal."""
+    """SIGTERM or SIGINT stopped the run after a step, saved (`checkpoint`) or whose save failed (`save_error`);
+    `exit_code` is 128 + signal."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None, save_error: str | None = None):
         where = save_error or (f"saved {checkpoint}" if checkpoint else "no checkpointer, nothing saved")
@@ -195,8 +196,12 @@ class Trainer:
             self._check(*pending)
         if position is not None:
             data_iterator.set_state(position)
-        self.checkpointer.save(step, state, self.ts.model_config, self.config, data_iterator)
-        self.checkpointer.wait()
+        try:
+            self.checkpointer.save(step, state, self.ts.model_config, self.config, data_iterator)
+            self.checkpointer.wait()
+        except CheckpointSaveError as e:  # the data error that stops the run stays the one raised
+            self.log(str(e))
+            return
         self.log(f"saved step {step} to {self.checkpointer.directory / str(step)} before stopping")
 
     def run(self, state: dict[str, Any], batches: Iterator[dict[str, np.ndarray]], data_iterator: Any = None,
