@@ -89,8 +89,12 @@ class _ScratchMaps:
 
     def allocate(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.memmap:
         file = self.directory / path.replace("/", ".")
+        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
         with open(file, "wb") as f:  # real blocks: a full disk raises ENOSPC here, not SIGBUS on a page write
-            os.posix_fallocate(f.fileno(), 0, max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1))
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            else:  # macOS: a sparse file, covered by the free-space check alone
+                f.truncate(nbytes)
         mapped = np.memmap(file, dtype=dtype, mode="r+", shape=shape)
         self.maps[path] = mapped
         return mapped

@@ -62,8 +62,8 @@ def export_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", ov
     else:
         side_dirs = source.side_dirs + _run_side_dirs(source)
     if not any((d / name).is_file() for d in side_dirs for name in converted.SIDE_FILES):
-        say(f"note: {src} holds no tokenizer or processor files and names none; the export will have none (pass "
-            "--tokenizer-from DIR to add them)")
+        say(f"note: {src} has no tokenizer or processor files; the export will have none (pass --tokenizer-from DIR "
+            "to add them)")
     converted.prepare_destination(dst, overwrite)
     config = source.config
     itemsize = np.dtype(hf.DTYPES[dtype]).itemsize
