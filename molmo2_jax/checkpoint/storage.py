@@ -91,7 +91,7 @@ def reporting_write_errors(dst: Path, what: str):
     except Exception as e:
         if not is_no_space(e):
             raise
-        raise NoSpaceError(f"{dst}: the disk filled up during {what} ({size_text(free_bytes(dst))} free); "
-                           "nothing was left behind") from None
+        raise NoSpaceError(f"{dst}: the disk filled up during {what}; nothing was left behind "
+                           f"({size_text(free_bytes(dst))} free without it)") from None
     finally:
         logging.getLogger("absl").removeFilter(quiet)
