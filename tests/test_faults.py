@@ -7,7 +7,6 @@ A full disk is a small tmpfs mounted in a private user + mount namespace (`unsha
 the kernel does not allow that, those tests are skipped.
 """
 
-import json
 import logging
 import os
 import re
@@ -18,7 +17,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from test_convert import ROOT, load_script
@@ -151,7 +149,8 @@ def test_full_disk_during_a_training_save(tmp_path, skip_space_check):
     else:
         line = _one_error_line(result.stderr)
         assert re.fullmatch(rf"train.py: error: could not save step 4 to {run / 'checkpoints' / '4'}: no space left "
-                            r"on device \(1\.\d MB free, a step takes about 2\.\d MB\); nothing was written", line), line
+                            r"on device \(1\.\d MB free, a step takes about 2\.\d MB\); nothing was written",
+                            line), line
     assert sorted(p.name for p in (tmp_path / "left" / "run" / "checkpoints").iterdir()) == ["2"]
     if not skip_space_check:
         return

@@ -149,7 +149,7 @@ class Checkpointer:
                        ) -> tuple[int, dict[str, Any]] | None:
         """The newest readable step and its state (see `restore`), or None when there is no step. An unreadable
         step is reported in one line and moved aside (`STEP.unreadable`, kept for inspection), then the step
-        before it is tried."""
+        before it is tried. Several processes are assumed to find the same step unreadable (shared storage)."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         for k, step in enumerate(steps):
             try:
@@ -162,7 +162,12 @@ class Checkpointer:
                     f"{step}.unreadable" + (f"-{n}" if n else ""))).exists())  # never over an earlier one
                 then = f"resuming from step {steps[k + 1]}" if k + 1 < len(steps) else "no other step to resume from"
                 log(f"checkpoint step {step} is unreadable ({error_line(e)}); moved it to {aside}, {then}")
-                where.rename(aside)
+                if jax.process_index() == 0:
+                    where.rename(aside)
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices(f"step {step} moved aside")
                 self.manager.reload()
         if steps:
             raise ResumeError(f"{self.directory}: no readable checkpoint step ({', '.join(map(str, steps))} "
