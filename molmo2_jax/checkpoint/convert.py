@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from molmo2_jax.checkpoint import converted, hf
-from molmo2_jax.checkpoint.storage import check_free_space, reporting_write_errors
+from molmo2_jax.checkpoint.storage import check_free_space, reporting_write_errors, size_text
 from molmo2_jax.checkpoint.table import RELEASED, active_rules
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.params import param_shapes
@@ -47,8 +47,7 @@ def convert_hf_to_jax(src: str | Path, dst: str | Path, *, dtype: str = "float32
     shapes = param_shapes(config)
     say = log or (lambda message: None)
     total = sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(hf.DTYPES[dtype]).itemsize
-    check_free_space(dst.parent, 2 * total, f"the conversion (params and their scratch copy, "
-                                            f"{total / 1e9:.2f} GB each)")
+    check_free_space(dst.parent, 2 * total, f"the conversion (params and their scratch copy, {size_text(total)} each)")
 
     def fill(tmp: Path) -> None:
         scratch = tmp / SCRATCH_DIR
