@@ -194,14 +194,33 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
         where = path or cls.__name__
         raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in data.items():
         field_type = _resolve(cls, name)
         if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
             value = from_dict(field_type, value, f"{path}{name}.")
         elif isinstance(value, list):
             value = tuple(value)
+        _check_scalar(hints[name], value, f"{path}{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,)}
+
+
+def _check_scalar(hint: Any, value: Any, key: str) -> None:
+    """Raise ConfigError naming `key` when a field typed int / float / bool / str / dict (or `X | None`) gets a
+    value of another type (YAML gives `steps=abc` as a string). Other field types are left to `validate`."""
+    options = [t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)]
+    if len(options) != 1 or typing.get_origin(options[0]) not in (None, dict):
+        return
+    kind = typing.get_origin(options[0]) or options[0]
+    if kind not in _SCALARS or (value is None and len(typing.get_args(hint)) > 1):
+        return
+    if not isinstance(value, _SCALARS[kind]) or (isinstance(value, bool) and kind is not bool):
+        expected = kind.__name__ + (" or null" if len(typing.get_args(hint)) > 1 else "")
+        raise ConfigError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
 def _resolve(cls: type, name: str) -> Any:

@@ -98,18 +98,27 @@ def _with_masks(ids: list[int], extra: dict[str, np.ndarray]) -> dict[str, np.nd
             "mm_token_type_ids": np.isin(input_ids, MM_IDS).astype(np.int64), **extra}
 
 
-def padded_batch(examples: list[dict[str, np.ndarray]], padding_side: str = "right") -> dict[str, np.ndarray]:
+def collated(examples: list[dict[str, np.ndarray]], padding_side: str = "right") -> dict[str, np.ndarray]:
     """One-sequence inputs -> one batch by our `collate` at their exact visual sizes (the reference cannot skip
     padded crops or pooling rows): sequences padded with id 0 (attention_mask 0), crops concatenated, pooling
-    indices global; visual arrays without rows and our `video_patch_mask` are dropped (the reference wants them
-    absent; it takes one visual stream at a time)."""
+    indices global."""
     total = lambda key: sum(ex[key].shape[0] for ex in examples if key in ex)
-    out = collate(examples, seq_len=max(ex["input_ids"].shape[1] for ex in examples),
-                  max_crops=total("pixel_values"), max_image_tokens=total("image_token_pooling"),
-                  max_frames=total("pixel_values_videos"), max_video_tokens=total("video_token_pooling"),
-                  pad_token_id=0, padding_side=padding_side)
-    return {k: v for k, v in out.items()
+    return collate(examples, seq_len=max(ex["input_ids"].shape[1] for ex in examples),
+                   max_crops=total("pixel_values"), max_image_tokens=total("image_token_pooling"),
+                   max_frames=total("pixel_values_videos"), max_video_tokens=total("video_token_pooling"),
+                   pad_token_id=0, padding_side=padding_side)
+
+
+def for_reference(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`inputs` without visual arrays that have no rows and without our `video_patch_mask` (the reference wants
+    them absent; it takes one visual stream at a time)."""
+    return {k: v for k, v in inputs.items()
             if k != "video_patch_mask" and (k == "input_ids" or np.shape(v)[:1] != (0,))}
+
+
+def padded_batch(examples: list[dict[str, np.ndarray]], padding_side: str = "right") -> dict[str, np.ndarray]:
+    """`collated` examples as the reference takes them."""
+    return for_reference(collated(examples, padding_side))
 
 
 def reference_logits(model: Molmo2ForConditionalGeneration, inputs: dict[str, np.ndarray]) -> np.ndarray:

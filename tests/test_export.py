@@ -1,4 +1,4 @@
-"""Export to the Hugging Face layout (`convert/jax_to_hf.py`): a bit-identical HF -> ours -> HF round trip, a
+"""Export to the Hugging Face layout (`molmo2-jax export`): a bit-identical HF -> ours -> HF round trip, a
 model trained a few steps in JAX that transformers loads with the same logits, shards and index, output dtype,
 and one-line errors with nothing written for bad sources and destinations."""
 

@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ref_model import image_inputs, make_reference, random_image, text_ids, video_inputs
+from ref_model import collated, image_inputs, make_reference, padded_batch, random_image, text_ids, video_inputs
 
 import molmo2_jax
 from molmo2_jax import generation
 from molmo2_jax.api import InputError
-from molmo2_jax.preprocessing import collate
 
 NEW_TOKENS = 12
 UNUSED_EOS = 299  # a base-vocabulary id the models are not seen to emit within NEW_TOKENS
@@ -57,22 +56,6 @@ def reference_generate(ref, inputs, max_new_tokens=NEW_TOKENS, eos=UNUSED_EOS) -
     return rows
 
 
-def batch(examples, padding_side="left"):
-    """Examples collated at their exact visual sizes (the reference cannot skip padded crops / pooling rows)."""
-    total = lambda key: sum(ex[key].shape[0] for ex in examples if key in ex)
-    return collate(examples, seq_len=max(ex["input_ids"].shape[1] for ex in examples),
-                   max_crops=total("pixel_values"), max_image_tokens=total("image_token_pooling"),
-                   max_frames=total("pixel_values_videos"), max_video_tokens=total("video_token_pooling"),
-                   pad_token_id=0, padding_side=padding_side)
-
-
-def without_empty(inputs):
-    """Drop the zero-row visual arrays `collate` always writes (the reference wants them absent) and our own
-    `video_patch_mask` (the reference takes one visual stream at a time)."""
-    return {k: v for k, v in inputs.items()
-            if k != "video_patch_mask" and not (k != "input_ids" and np.asarray(v).shape[:1] == (0,))}
-
-
 def assert_same_tokens(got, expected):
     assert len(got) == len(expected)
     for row, (g, e) in enumerate(zip(got, expected)):
@@ -112,8 +95,8 @@ def test_greedy_matches_reference_batch_3_of_different_lengths(models, make):
     ref, model = models
     examples = make()
     assert len({ex["input_ids"].shape[1] for ex in examples}) == 3
-    expected = reference_generate(ref, without_empty(batch(examples, "left")))
-    result = model.generate(without_empty(batch(examples, "right")), max_new_tokens=NEW_TOKENS,
+    expected = reference_generate(ref, padded_batch(examples, "left"))
+    result = model.generate(padded_batch(examples, "right"), max_new_tokens=NEW_TOKENS,
                             eos_ids=[UNUSED_EOS])
     assert result.prompt_tokens == [ex["input_ids"].shape[1] for ex in examples]
     assert_same_tokens(result.token_ids, expected)
@@ -123,14 +106,14 @@ def test_image_and_video_rows_in_one_batch(models):
     """An image row and a video row generated together give each row the reference's tokens for it alone."""
     ref, model = models
     examples = [image_inputs([random_image(300, 500, 10)], seed=10), video_inputs(3, 11, frame_special_tokens=False)]
-    result = model.generate(batch(examples, "right"), max_new_tokens=NEW_TOKENS, eos_ids=[UNUSED_EOS])
+    result = model.generate(collated(examples), max_new_tokens=NEW_TOKENS, eos_ids=[UNUSED_EOS])
     assert_same_tokens(result.token_ids, [reference_generate(ref, ex)[0] for ex in examples])
 
 
 def test_stops_on_eos_per_row(models):
     """The token row 0 greedily emits at step 3 becomes an EOS id: each row stops where the reference does."""
     ref, model = models
-    inputs = without_empty(batch(image_batch()))
+    inputs = padded_batch(image_batch(), "left")
     free = model.generate(inputs, max_new_tokens=NEW_TOKENS, eos_ids=[UNUSED_EOS]).token_ids
     eos = int(free[0][3])
     expected = reference_generate(ref, inputs, eos=eos)

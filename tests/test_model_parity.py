@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from ref_model import IM_PATCH, image_inputs, random_image, reference_logits, text_ids, video_inputs
+from ref_model import IM_PATCH, collated, image_inputs, random_image, reference_logits, text_ids, video_inputs
 
 import molmo2_jax
 from molmo2_jax.api import InputError
-from molmo2_jax.preprocessing import collate
 
 ATOL = 1e-4
 
@@ -113,11 +112,7 @@ def test_image_row_and_video_row_in_one_batch(loaded, frame_special_tokens):
     that row alone; `video_patch_mask` tells the video's patches from the image's whatever wraps the frames."""
     family, ref, model = loaded
     rows = [image_inputs([random_image(500, 300, 4)], seed=4), video_inputs(3, 5, frame_special_tokens)]
-    total = lambda key: sum(len(x[key]) for x in rows if key in x)
-    batch = collate(rows, seq_len=max(x["input_ids"].shape[1] for x in rows), max_crops=total("pixel_values"),
-                    max_image_tokens=total("image_token_pooling"), max_frames=total("pixel_values_videos"),
-                    max_video_tokens=total("video_token_pooling"), pad_token_id=0)
-    batch = {k: v for k, v in batch.items() if not k.endswith(("_grids", "_num_crops"))}
+    batch = {k: v for k, v in collated(rows, "left").items() if not k.endswith(("_grids", "_num_crops"))}
     got = np.asarray(model(batch))
     for r, inputs in enumerate(rows):
         real = batch["attention_mask"][r] == 1

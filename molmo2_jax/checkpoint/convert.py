@@ -5,11 +5,13 @@ can write back and drop), and the Orbax checkpoint is written from those maps in
 memory therefore depends on the largest single tensor, not on the model size: at most a few copies of it while
 it is converted (for the embedding table: its two HF pieces, their concatenation, a dtype copy) plus a
 constant. The scratch files need as much free disk as the converted params and are deleted before the result
-is moved into place.
+is moved into place; both are checked against the free space before anything is written, and each scratch file
+is allocated on disk before it is mapped (a sparse map on a full disk would kill the process with SIGBUS).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from molmo2_jax.checkpoint import converted, hf
+from molmo2_jax.checkpoint.storage import check_free_space, reporting_write_errors, size_text
 from molmo2_jax.checkpoint.table import RELEASED, active_rules
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.params import param_shapes
@@ -43,13 +46,14 @@ def convert_hf_to_jax(src: str | Path, dst: str | Path, *, dtype: str = "float32
     converted.prepare_destination(dst, overwrite)
     shapes = param_shapes(config)
     say = log or (lambda message: None)
+    total = sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(hf.DTYPES[dtype]).itemsize
+    check_free_space(dst.parent, 2 * total, f"the conversion (params and their scratch copy, {size_text(total)} each)")
 
     def fill(tmp: Path) -> None:
         scratch = tmp / SCRATCH_DIR
         scratch.mkdir()
         maps = _ScratchMaps(scratch)
-        meter = _Meter(say, sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(hf.DTYPES[dtype]).itemsize,
-                       len(shapes))
+        meter = _Meter(say, total, len(shapes))
         say(f"reading {src} ({len(shapes)} params, {meter.total / 1e9:.2f} GB as {dtype})")
         flat = hf.import_params(src, config, shapes, dtype=dtype, place=maps.place, allocate=maps.allocate,
                                 progress=lambda path: meter.step(path, maps.nbytes(path)))
@@ -65,7 +69,8 @@ def convert_hf_to_jax(src: str | Path, dst: str | Path, *, dtype: str = "float32
         if copied:
             say(f"copied {', '.join(copied)}")
 
-    converted.write_atomically(dst, overwrite, fill)
+    with reporting_write_errors(dst, "the conversion"):
+        converted.write_atomically(dst, overwrite, fill)
     say(f"done: {dst}")
     return config
 
@@ -82,7 +87,14 @@ class _ScratchMaps:
         self.maps: dict[str, np.memmap] = {}
 
     def allocate(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.memmap:
-        mapped = np.memmap(self.directory / path.replace("/", "."), dtype=dtype, mode="w+", shape=shape)
+        file = self.directory / path.replace("/", ".")
+        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
+        with open(file, "wb") as f:  # real blocks: a full disk raises ENOSPC here, not SIGBUS on a page write
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            else:  # macOS: a sparse file, covered by the free-space check alone
+                f.truncate(nbytes)
+        mapped = np.memmap(file, dtype=dtype, mode="r+", shape=shape)
         self.maps[path] = mapped
         return mapped
 

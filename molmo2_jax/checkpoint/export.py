@@ -26,6 +26,7 @@ import tensorstore as ts
 from etils import epath
 
 from molmo2_jax.checkpoint import converted, hf
+from molmo2_jax.checkpoint.storage import check_free_space, reporting_write_errors
 from molmo2_jax.checkpoint.table import RELEASED, active_rules, layer_count
 from molmo2_jax.config import Molmo2Config, to_hf_config
 from molmo2_jax.params import param_shapes
@@ -46,19 +47,27 @@ def export_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", ov
     """Export `src` (converted or training checkpoint) to the HF directory `dst`; returns the shard names.
 
     `step` picks a step of a training run directory (default: the latest). Tokenizer and processor files are
-    copied from `side_files_from` when given, else from the source (and a training run's directory).
+    copied from `side_files_from` when given, else from the source (and a training run's directory, and the
+    directories the run took its vocabulary and processor from: `model.vocab_from`, `data.processor_dir`).
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).absolute(), Path(dst).absolute()  # TensorStore resolves relative paths differently
     say = log or (lambda message: None)
     if dtype not in _SAFETENSORS_DTYPES:
         raise hf.CheckpointError(f"--dtype {dtype!r}: expected one of {sorted(_SAFETENSORS_DTYPES)}")
     source = ParamSource.open(src, step)
-    side_dirs = [Path(side_files_from)] if side_files_from is not None else source.side_dirs
-    for directory in side_dirs:
-        if not directory.is_dir():
-            raise hf.CheckpointError(f"{directory}: directory to copy tokenizer files from does not exist")
+    if side_files_from is not None:
+        side_dirs = [Path(side_files_from)]
+        if not side_dirs[0].is_dir():
+            raise hf.CheckpointError(f"{side_dirs[0]}: directory to copy tokenizer files from does not exist")
+    else:
+        side_dirs = source.side_dirs + _run_side_dirs(source)
+    if not any((d / name).is_file() for d in side_dirs for name in converted.SIDE_FILES):
+        say(f"note: {src} has no tokenizer or processor files; the export will have none (pass --tokenizer-from DIR "
+            "to add them)")
     converted.prepare_destination(dst, overwrite)
     config = source.config
+    itemsize = np.dtype(hf.DTYPES[dtype]).itemsize
+    check_free_space(dst.parent, sum(math.prod(s) for s in param_shapes(config).values()) * itemsize, "the export")
     say(f"exporting {source.where} to {dst} as {dtype}")
 
     def fill(tmp: Path) -> list[str]:
@@ -79,7 +88,8 @@ def export_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", ov
                 say(f"copied {', '.join(copied)} from {directory}")
         return shards
 
-    shards = converted.write_atomically(dst, overwrite, fill)
+    with reporting_write_errors(dst, "the export"):
+        shards = converted.write_atomically(dst, overwrite, fill)
     say(f"done: {dst}")
     return shards
 
@@ -87,8 +97,10 @@ def export_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", ov
 class ParamSource:
     """Lazy per-param access to the params of a converted or training checkpoint."""
 
-    def __init__(self, where: Path, config: Molmo2Config, item: Path, prefix: str, side_dirs: list[Path]):
+    def __init__(self, where: Path, config: Molmo2Config, item: Path, prefix: str, side_dirs: list[Path],
+                 train_config: dict[str, Any] | None = None):
         self.where, self.config, self.item, self.prefix, self.side_dirs = where, config, item, prefix, side_dirs
+        self.train_config = train_config  # a training run's saved TrainConfig (a dict)
         # Few reads in flight: each holds a compressed chunk, so this bounds memory beyond the tensor itself.
         self.context = ocp.type_handlers.get_ts_context(use_ocdbt=True, file_io_concurrency_limit=4)
         metadata = _read_json(item / "_METADATA", item)
@@ -105,14 +117,16 @@ class ParamSource:
         where = find_step_dir(src, step)
         if where is not None:  # side files may sit in the run directory, one or two levels up
             return cls(where, read_step_config(where), where / TRAIN_STATE_ITEM, "params.",
-                       list(dict.fromkeys([where, where.parent, where.parent.parent, src])))
+                       list(dict.fromkeys([where, where.parent, where.parent.parent, src])),
+                       _read_json(where / TRAIN_CONFIG_ITEM / "metadata", where).get("train"))
         raise hf.CheckpointError(
             f"{src}: not a converted or training checkpoint (expected {converted.CONFIG_FILE} + "
             f"{converted.PARAMS_DIR}/, or step directories with {TRAIN_STATE_ITEM}/ and {TRAIN_CONFIG_ITEM}/)")
 
     def _open(self, path: str) -> ts.TensorStore:
         info = ocp.type_handlers.ParamInfo(name=self.prefix + path.replace("/", "."), parent_dir=epath.Path(self.item),
-                                           is_ocdbt_checkpoint=self.is_ocdbt, use_zarr3=self.use_zarr3)
+                                           is_ocdbt_checkpoint=self.is_ocdbt, use_zarr3=self.use_zarr3,
+                                           ts_context=self.context)
         spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.is_ocdbt)
         return ts.open(spec, open=True, context=self.context).result()
 
@@ -161,6 +175,24 @@ class _ChunkwiseReader:
             shifted = tuple(slice(o + s, o + s + c) for o, s, c in zip(origin, starts, chunk))
             out[block] = self.store[shifted].read().result()
         return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _run_side_dirs(source: "ParamSource") -> list[Path]:
+    """The directories a training run took its tokenizer and processor from, each required to hold them."""
+    if source.train_config is None:
+        return []
+    named = {"model.vocab_from": (source.train_config.get("model") or {}).get("vocab_from"),
+             "data.processor_dir": (source.train_config.get("data") or {}).get("processor_dir")}
+    dirs = []
+    for key, directory in named.items():
+        if not directory:
+            continue
+        directory = Path(directory)
+        if not any((directory / name).is_file() for name in converted.SIDE_FILES):
+            raise hf.CheckpointError(f"{source.where}: the run's {key} {directory} holds no tokenizer or processor "
+                                     "files (is it moved?); pass --tokenizer-from DIR to take them from elsewhere")
+        dirs.append(directory)
+    return dirs
 
 
 def _read_json(path: Path, what: Path) -> Any:

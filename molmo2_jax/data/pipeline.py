@@ -8,6 +8,7 @@ manifests (docs/data.md). Every step is deterministic given the seed, and the it
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -26,6 +27,7 @@ from molmo2_jax.preprocessing.collate import Bucket
 
 log = logging.getLogger(__name__)
 BAD = "__bad_example__"  # key of the marker a worker returns instead of an example it could not convert
+_skipped: collections.Counter[str] = collections.Counter()  # bad example's message -> times skipped (this process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +203,9 @@ class SkipBadIterator(grain.DatasetIterator):
             if BAD not in item:
                 return item
             self.bad += 1
-            log.warning("skipping bad example (%d of %d so far): %s", self.bad, self.seen, item[BAD])
+            _skipped[item[BAD]] += 1
+            if _skipped[item[BAD]] == 1:  # later epochs skip it silently; take_bad_example_summary() counts them
+                log.warning("skipping bad example (%d of %d so far): %s", self.bad, self.seen, item[BAD])
             self._check(final=False)
 
     def get_state(self) -> dict[str, Any]:
@@ -210,6 +214,13 @@ class SkipBadIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self.seen, self.bad = state["seen"], state["bad"]
+
+
+def take_bad_example_summary() -> str | None:
+    """One line counting the bad examples skipped since the last call (None: none), e.g. at the end of a run."""
+    total, distinct = sum(_skipped.values()), len(_skipped)
+    _skipped.clear()
+    return f"skipped {total} bad example(s), {distinct} distinct, each warned once" if total else None
 
 
 def _leave_signals_to_the_parent(worker_index: int, worker_count: int) -> None:

@@ -9,13 +9,19 @@ shape fails with the differing params named.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from molmo2_jax.checkpoint.storage import OrbaxErrorFilter, error_line, free_bytes, is_no_space, size_text
 from molmo2_jax.config import Molmo2Config, from_dict, to_dict
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.params import param_shapes
@@ -68,26 +74,106 @@ def restore_step_params(path: Path, abstract_params: dict[str, Any]) -> dict[str
     return restored["params"]
 
 
+class CheckpointSaveError(Molmo2Error):
+    """A step could not be saved (e.g. the disk is full); its partial files are removed."""
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, config: CheckpointConfig):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep,
-                                               enable_async_checkpointing=config.async_save, create=True)
+        # cleanup_tmp_directories: a restart removes the partial step directories a failed or killed save left
+        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, enable_async_checkpointing=config.async_save,
+                                               create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step whose (asynchronous) save may still fail
+        self._filter = OrbaxErrorFilter()  # failures are raised in one line
+        logging.getLogger("absl").addFilter(self._filter)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict[str, Any], model_config: Molmo2Config, train_config: TrainConfig,
              data_iterator: Any | None = None) -> None:
-        """Start saving `state` (returns once the arrays are copied; call `wait()` before exiting)."""
+        """Start saving `state` (returns once the arrays are copied; call `wait()` before exiting). Raises
+        CheckpointSaveError when this save or the previous one failed."""
         import grain
 
         items = {"state": ocp.args.StandardSave(state),
                  "config": ocp.args.JsonSave({"model": to_dict(model_config), "train": to_dict(train_config)})}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._reporting_failures():  # the previous step's save ends (and may fail) in here
+            self.manager.wait_until_finished()
+        self._check_free_space(step, state)
+        self._saving = step
+        with self._reporting_failures():
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def _check_free_space(self, step: int, state: dict[str, Any]) -> None:
+        """Refuse a save that cannot fit before writing anything: a write that runs into a full disk fails in
+        Orbax's writer threads, which leave tracebacks behind. The size is that of the latest saved step, or the
+        state's bytes for the first save. One process only: on several, all would have to agree to skip."""
+        if jax.process_count() > 1:
+            return
+        latest = self.latest_step()
+        needed = (sum(f.stat().st_size for f in (self.directory / str(latest)).rglob("*") if f.is_file())
+                  if latest is not None else sum(x.nbytes for x in jax.tree_util.tree_leaves(state)))
+        free = free_bytes(self.directory)
+        if free < needed:
+            raise CheckpointSaveError(f"could not save step {step} to {self.directory / str(step)}: no space left on "
+                                      f"device ({size_text(free)} free, a step takes about {size_text(needed)}); "
+                                      "nothing was written")
+
+    def wait(self) -> None:
+        """Wait for the save in flight; raises CheckpointSaveError if it failed."""
+        with self._reporting_failures():
+            self.manager.wait_until_finished()
+        self._saving = None
+
+    @contextlib.contextmanager
+    def _reporting_failures(self):
+        try:
+            yield
+        except Exception as e:
+            step, self._saving = self._saving, None
+            if step is None:
+                raise
+            why = (f"no space left on device ({size_text(free_bytes(self.directory))} free)" if is_no_space(e)
+                   else error_line(e))
+            for partial in self.directory.glob(f"{step}{ocp.path.atomicity.TMP_DIR_SUFFIX}*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointSaveError(f"could not save step {step} to {self.directory / str(step)}: {why}; "
+                                      "its partial files are removed") from None
+
+    def restore_latest(self, abstract_state: dict[str, Any], model_config: Molmo2Config,
+                       data_iterator: Any | None = None, log: Callable[[str], None] = print,
+                       ) -> tuple[int, dict[str, Any]] | None:
+        """The newest readable step and its state (see `restore`), or None when there is no step. An unreadable
+        step is reported in one line and moved aside (`STEP.unreadable`, kept for inspection), then the step
+        before it is tried. Several processes are assumed to find the same step unreadable (shared storage)."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for k, step in enumerate(steps):
+            try:
+                return step, self.restore(step, abstract_state, model_config, data_iterator)
+            except ResumeError:
+                raise
+            except Exception as e:
+                where = self.directory / str(step)
+                aside = next(p for n in itertools.count() if not (p := where.with_name(
+                    f"{step}.unreadable" + (f"-{n}" if n else ""))).exists())  # never over an earlier one
+                then = f"resuming from step {steps[k + 1]}" if k + 1 < len(steps) else "no other step to resume from"
+                log(f"checkpoint step {step} is unreadable ({error_line(e)}); moved it to {aside}, {then}")
+                if jax.process_index() == 0:
+                    where.rename(aside)
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices(f"step {step} moved aside")
+                self.manager.reload()
+        if steps:
+            raise ResumeError(f"{self.directory}: no readable checkpoint step ({', '.join(map(str, steps))} "
+                              "unreadable); start a new run_dir or repair them")
+        return None
 
     def saved_model_config(self, step: int) -> Molmo2Config:
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -110,11 +196,14 @@ class Checkpointer:
         if data_iterator is not None:
             if not (where / "data").is_dir():
                 raise ResumeError(f"{where}: checkpoint has no data iterator state to resume from")
+            for file in sorted((where / "data").glob("*.json")):  # Grain's own error does not name the file
+                try:
+                    json.loads(file.read_text())
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{file}: not valid JSON ({e})") from None
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
+        logging.getLogger("absl").removeFilter(self._filter)
         self.manager.close()

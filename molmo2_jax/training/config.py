@@ -122,6 +122,29 @@ class TrainConfig:
                 raise TrainConfigError(f"optimizer.{name}: lr and warmup_steps must be >= 0")
         return self
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """This config with every path made absolute, so a run behaves (and its saved config reads) the same
+        whether it was given relative or absolute paths, whatever the working directory of a later export."""
+
+        def absolute(path):
+            return str(Path(path).absolute()) if isinstance(path, str) and path else path
+
+        def data(section: dict | None) -> dict | None:
+            section = dict(section or {})
+            if "processor_dir" in section:
+                section["processor_dir"] = absolute(section["processor_dir"])
+            if "sources" in section:
+                section["sources"] = [{**s, "path": absolute(s.get("path"))} if isinstance(s, dict) else s
+                                      for s in section["sources"]]
+            return section
+
+        init = {k: absolute(getattr(self.init, k)) for k in ("checkpoint", "llm", "vit")}
+        model = {**self.model, **({"vocab_from": absolute(self.model["vocab_from"])} if "vocab_from" in self.model
+                                  else {})}
+        return dataclasses.replace(self, run_dir=absolute(self.run_dir), init=dataclasses.replace(self.init, **init),
+                                   model=model, data=data(self.data),
+                                   eval_data=data(self.eval_data) if self.eval_data is not None else None)
+
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `update` onto `base` (dicts merge, anything else replaces)."""

@@ -23,8 +23,9 @@ import jax
 import numpy as np
 
 from molmo2_jax import distributed
+from molmo2_jax.data.errors import TooManyBadExamplesError
 from molmo2_jax.errors import Molmo2Error
-from molmo2_jax.training.checkpointing import Checkpointer
+from molmo2_jax.training.checkpointing import Checkpointer, CheckpointSaveError
 from molmo2_jax.training.metrics import EventWriter, peak_tflops, progress_line, train_flops
 from molmo2_jax.training.step import MODEL_KEYS, TARGET_KEYS, TrainStep
 
@@ -40,10 +41,11 @@ class DataExhaustedError(Molmo2Error):
 
 
 class TrainingInterrupted(Molmo2Error):
-    """SIGTERM or SIGINT stopped the run after a step whose checkpoint was saved; `exit_code` is 128 + signal."""
+    """SIGTERM or SIGINT stopped the run after a step, saved (`checkpoint`) or whose save failed (`save_error`);
+    `exit_code` is 128 + signal."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None):
-        where = f"saved {checkpoint}" if checkpoint else "no checkpointer, nothing saved"
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, save_error: str | None = None):
+        where = save_error or (f"saved {checkpoint}" if checkpoint else "no checkpointer, nothing saved")
         super().__init__(f"{signal.Signals(signum).name} received: stopped after step {step}; {where} (run again "
                          "with the same run_dir to resume)")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
@@ -120,13 +122,14 @@ def _window() -> dict[str, float]:
 
 def initial_state(train_step: TrainStep, checkpointer: Checkpointer | None, fresh: Callable[[], dict[str, Any]],
                   data_iterator: Any = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Resume from the latest checkpoint when there is one (params, optimizer, step and data position);
+    """Resume from the latest readable checkpoint when there is one (params, optimizer, step and data position);
     otherwise `fresh()` (the starting point)."""
-    latest = checkpointer.latest_step() if checkpointer else None
-    if latest is None:
+    restored = checkpointer.restore_latest(train_step.abstract_state(), train_step.model_config, data_iterator,
+                                           log) if checkpointer else None
+    if restored is None:
         return fresh()
-    log(f"resuming from {checkpointer.directory / str(latest)}")
-    return checkpointer.restore(latest, train_step.abstract_state(), train_step.model_config, data_iterator)
+    log(f"resuming from {checkpointer.directory / str(restored[0])}")
+    return restored[1]
 
 
 class Trainer:
@@ -176,10 +179,31 @@ class Trainer:
         where = None
         if self.checkpointer:
             self.log(f"{signal.Signals(signum).name} received: saving step {step}, then stopping")
-            self.checkpointer.save(step, state, self.ts.model_config, self.config, data_iterator)
-            self.checkpointer.wait()
+            try:
+                self.checkpointer.save(step, state, self.ts.model_config, self.config, data_iterator)
+                self.checkpointer.wait()
+            except CheckpointSaveError as e:  # still stop as the signal asks, saying what was lost
+                raise TrainingInterrupted(signum, step, None, str(e)) from None
             where = self.checkpointer.directory / str(step)
         raise TrainingInterrupted(signum, step, where)
+
+    def _save_before_stop(self, step: int, state: dict[str, Any], pending: tuple[int, dict[str, Any]] | None,
+                          data_iterator: Any, position: Any) -> None:
+        """Save `step` (unless saved already) with the data position before the batches that failed, so a run
+        started again (e.g. with a higher max_bad_fraction) repeats them."""
+        if not self.checkpointer or self.multihost or step in (0, self.checkpointer.latest_step()):
+            return  # several hosts: the others are not at this point to save with us
+        if pending is not None:
+            self._check(*pending)
+        if position is not None:
+            data_iterator.set_state(position)
+        try:
+            self.checkpointer.save(step, state, self.ts.model_config, self.config, data_iterator)
+            self.checkpointer.wait()
+        except CheckpointSaveError as e:  # the data error that stops the run stays the one raised
+            self.log(str(e))
+            return
+        self.log(f"saved step {step} to {self.checkpointer.directory / str(step)} before stopping")
 
     def run(self, state: dict[str, Any], batches: Iterator[dict[str, np.ndarray]], data_iterator: Any = None,
             eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None) -> dict[str, Any]:
@@ -193,7 +217,12 @@ class Trainer:
         with StopSignals() as signals:
             while step < c.steps:
                 t0 = time.perf_counter()
-                batch = self._draw(batches)
+                position = data_iterator.get_state() if self.checkpointer and data_iterator is not None else None
+                try:
+                    batch = self._draw(batches)
+                except TooManyBadExamplesError:
+                    self._save_before_stop(step, state, pending, data_iterator, position)
+                    raise
                 window["wait"] += time.perf_counter() - t0
                 counts = _batch_counts(batch) if batch is not None else (0, 0, 0, 0)
                 stop = None

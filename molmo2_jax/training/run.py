@@ -101,8 +101,12 @@ def run(train: TrainConfig, batches: Iterator[dict[str, np.ndarray]] | None = No
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by `train`; returns the final state. `batches` / `eval_batches`
     replace the config's data sections (e.g. an in-memory Grain iterator)."""
+    from molmo2_jax.data.pipeline import take_bad_example_summary
+
     primary = jax.process_index() == 0
     log = log or ((lambda line: print(line, flush=True)) if primary else (lambda _: None))
+    train = train.with_absolute_paths()
+    take_bad_example_summary()  # counts from now on
     mesh = make_mesh(train.mesh)
     if jax.process_count() > 1:
         for line in startup_lines(mesh):
@@ -126,3 +130,5 @@ def run(train: TrainConfig, batches: Iterator[dict[str, np.ndarray]] | None = No
         checkpointer.close()
         if events:
             events.close()
+        if summary := take_bad_example_summary():
+            log(summary)

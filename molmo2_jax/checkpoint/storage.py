@@ -1,0 +1,99 @@
+"""Disk facts for writers of checkpoints and conversions: free space, and one readable line for a storage error.
+
+Orbax and TensorStore report a failed read or write as a chain of exceptions whose outermost message can be a
+multi-line TensorStore spec; the line a user needs (which file, which OS error) is the innermost cause's first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from molmo2_jax.errors import Molmo2Error
+
+
+class NoSpaceError(Molmo2Error, OSError):
+    """Not enough free space at a destination (before or while writing)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def size_text(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception `error` was raised from or while handling (not past a `raise ... from None`)."""
+    while (cause := error.__cause__ or (None if error.__suppress_context__ else error.__context__)) is not None:
+        error = cause
+    return error
+
+
+def is_no_space(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a full disk: ENOSPC from Python or TensorStore."""
+    for e in (error, root_cause(error)):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "RESOURCE_EXHAUSTED" in str(e):
+            return True
+    return False
+
+
+def error_line(error: BaseException) -> str:
+    """The first line of the innermost cause of `error` (e.g. TensorStore's 'Error reading ... in file ...')."""
+    cause = root_cause(error)
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
+def check_free_space(path: Path, needed: int, what: str) -> None:
+    """Raise NoSpaceError (one line: what, where, needed and free bytes) unless `needed` bytes fit at `path`."""
+    free = free_bytes(path)
+    if free < needed:
+        raise NoSpaceError(f"{path}: not enough free space for {what}: needs {size_text(needed)}, "
+                           f"{size_text(free)} free")
+
+
+class OrbaxErrorFilter(logging.Filter):
+    """Drops the tracebacks Orbax's writer threads log for a failed write (to the `absl` logger): the failure is
+    raised to the caller too, which reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+@contextlib.contextmanager
+def reporting_write_errors(dst: Path, what: str):
+    """Orbax's logged tracebacks silenced, and a full disk while writing `dst` raised as one NoSpaceError line
+    (callers clean up their partial output before this reports)."""
+    quiet = OrbaxErrorFilter()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        yield
+    except Exception as e:
+        if not is_no_space(e):
+            raise
+        raise NoSpaceError(f"{dst}: the disk filled up during {what}; nothing was left behind "
+                           f"({size_text(free_bytes(dst))} free without it)") from None
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
