@@ -16,7 +16,7 @@ from pathlib import Path
 from molmo2_jax.errors import Molmo2Error
 
 
-class NoSpaceError(Molmo2Error, OSError):
+class NoSpaceError(OSError, Molmo2Error):  # OSError first: it sets errno and strerror
     """Not enough free space at a destination (before or while writing)."""
 
     def __init__(self, message: str):
