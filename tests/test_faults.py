@@ -7,6 +7,7 @@ A full disk is a small tmpfs mounted in a private user + mount namespace (`unsha
 the kernel does not allow that, those tests are skipped.
 """
 
+import json
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from molmo2_jax.checkpoint.export import export_to_hf
 from molmo2_jax.cli import main
 from molmo2_jax.data.errors import TooManyBadExamplesError
 from molmo2_jax.data.pipeline import Source, examples, take_bad_example_summary
+from molmo2_jax.data.spm import processor_files
 from molmo2_jax.training.checkpointing import Checkpointer
 from molmo2_jax.training.loop import Trainer, initial_state
 
@@ -259,7 +261,7 @@ def trained_run(train_step, tmp_path_factory):
             "preprocessor_config.json", "processor_config.json"])):
         (root / name).mkdir()
         for file in files:
-            (root / name / file).write_text("{}")
+            (root / name / file).write_text(json.dumps(processor_files().get(file, {})))
     config = train_config(root / "run", **{"model.vocab_from": str(root / "vocab"),
                                             "data.processor_dir": str(root / "processor")})
     ckpt = Checkpointer(root / "run" / "checkpoints", config.checkpoint)
@@ -279,6 +281,11 @@ def test_relative_and_absolute_run_paths_export_the_same(trained_run, tmp_path, 
     # the run's tokenizer and processor files are carried
     assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
             "processor_config.json"} <= {p.name for p in (tmp_path / "absolute").iterdir()}
+    # config.json says what the processor files (the released 4B/8B values) say of the frame wrapping: the hub
+    # model code reads it there
+    read = lambda name: json.loads((tmp_path / "absolute" / name).read_text())
+    assert read("config.json")["use_frame_special_tokens"] is read("processor_config.json")[
+        "use_frame_special_tokens"] is False
     assert not [r for r in caplog.records if "ts_context=None" in r.getMessage()]
 
 

@@ -81,11 +81,16 @@ def export_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", ov
         seconds = time.perf_counter() - start
         say(f"wrote {len(shards)} shard(s), {writer.total / 1e9:.2f} GB in {seconds:.1f} s "
             f"({writer.total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(config, dtype), indent=2))
         for directory in side_dirs:
             copied = converted.copy_side_files(directory, tmp)
             if copied:
                 say(f"copied {', '.join(copied)} from {directory}")
+        hf_config = to_hf_config(config, dtype)
+        processor = tmp / "processor_config.json"
+        if processor.is_file():  # the hub model code finds each frame's end by this flag: agree with the processor
+            frames = _read_json(processor, processor).get("use_frame_special_tokens")
+            hf_config["use_frame_special_tokens"] = hf_config["use_frame_special_tokens"] if frames is None else frames
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         return shards
 
     with reporting_write_errors(dst, "the export"):
