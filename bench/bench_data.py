@@ -86,8 +86,15 @@ def main() -> None:
 
     from ref_tokenizer import make_reference_processor, make_tokenizer_dir
 
-    from molmo2_jax.data import Bucket, PipelineConfig, Source, SyntheticConfig, build_synthetic, data_source
-    from molmo2_jax.data import dataset_dir
+    from molmo2_jax.data import (
+        Bucket,
+        PipelineConfig,
+        Source,
+        SyntheticConfig,
+        build_synthetic,
+        data_source,
+        dataset_dir,
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     ref = make_reference_processor(make_tokenizer_dir(tmp / "ref_tok"))

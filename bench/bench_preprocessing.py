@@ -10,6 +10,7 @@ released PyAV reader's approach (decode every frame, then pick the sampled ones)
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -71,8 +72,9 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     }.items():
         images = [rs.randint(0, 256, (h, w, 3)).astype(np.uint8) for h, w in shapes]
         text = "".join(f"Image {i + 1}<|image|>" for i in range(len(images))) + "Describe."
-        report(label, len(images), "img", *timed_pair(lambda: ours(text, images=images),
-                                                      lambda: ref(text=text, images=images, return_tensors="np"),
+        report(label, len(images), "img", *timed_pair(functools.partial(ours, text, images=images),
+                                                      functools.partial(ref, text=text, images=images,
+                                                                        return_tensors="np"),
                                                       args.repeats))
 
     frames = rs.randint(0, 256, (args.frames, 360, 640, 3)).astype(np.uint8)

@@ -16,7 +16,6 @@ import sys
 import molmo2_jax.commands as commands
 from molmo2_jax.errors import Molmo2Error
 
-
 EVAL_EXTRA = ("scipy", "pycocotools", "trackeval", "pyarrow")  # pyproject's `eval` extra
 
 

@@ -144,7 +144,7 @@ class Molmo2Config:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # "none", "full", "dots", "dots_no_batch" (see model/layers.py)
 
-    def validate(self) -> "Molmo2Config":
+    def validate(self) -> Molmo2Config:
         t, v, a = self.text, self.vision, self.adapter
         if t.qk_norm_type not in ("qwen3", "olmo"):
             raise ConfigError(f"unknown qk_norm_type {t.qk_norm_type!r}; expected 'qwen3' or 'olmo'")
@@ -165,7 +165,7 @@ class Molmo2Config:
             raise ConfigError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
         return self
 
-    def replace(self, **changes: Any) -> "Molmo2Config":
+    def replace(self, **changes: Any) -> Molmo2Config:
         return dataclasses.replace(self, **changes).validate()
 
 

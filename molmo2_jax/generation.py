@@ -196,7 +196,7 @@ class _Programs:
         return self.compiled[key], time.perf_counter() - start
 
 
-_PROGRAMS: "weakref.WeakKeyDictionary[Molmo2Model, _Programs]" = weakref.WeakKeyDictionary()
+_PROGRAMS: weakref.WeakKeyDictionary[Molmo2Model, _Programs] = weakref.WeakKeyDictionary()
 
 
 def _programs(model: Molmo2Model) -> _Programs:

@@ -152,7 +152,8 @@ def tracking_set():
     rows_answers = [
         (row, good),
         (row, '<tracks coords="0.0 1 200 200;1.0 2 200 200 1 700 650;2.0 1 700 650">players</tracks>'),  # ids switch
-        (row, '<tracks coords="0.0 1 200 200;0.7 1 200 200;1.2 1 200 200 2 700 650">players</tracks>'),  # between frames
+        # between frames
+        (row, '<tracks coords="0.0 1 200 200;0.7 1 200 200;1.2 1 200 200 2 700 650">players</tracks>'),
         (row, "No tracks available."),
         (row, '<tracks coords="0.0 1 200 200 2 900 900;1.0 1 200 200 2 700 650;2.0 2 700 650">players</tracks>'),
         (row, "time 0.00\n{0: [20.0, 20.0]}\ntime 1.00\n{0: [20.0, 20.0], 1: [70.0, 65.0]}"),  # older format

@@ -3,15 +3,15 @@ schemas: a killed run resumes where it stopped and ends with the predictions of 
 
 import json
 
-import pytest
+import eval_fixtures as F
 import numpy as np
+import pytest
 import torch
 from ref_model import random_image, tiny_config
 from ref_tokenizer import CONFIG_TOKEN_IDS, make_tokenizer_dir
 from test_generation import enliven
 from transformers import Molmo2ForConditionalGeneration
 
-import eval_fixtures as F
 from molmo2_jax.cli import main
 from molmo2_jax.commands import eval as eval_command
 

@@ -2,11 +2,11 @@
 
 import json
 
+import eval_fixtures as F
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import eval_fixtures as F
 from molmo2_jax.cli import main
 
 

@@ -5,8 +5,16 @@ import json
 import pytest
 import transformers
 
-from molmo2_jax.config import (ConfigError, Molmo2Config, apply_overrides, from_dict, from_hf_config, load_preset,
-                               to_dict, to_hf_config)
+from molmo2_jax.config import (
+    ConfigError,
+    Molmo2Config,
+    apply_overrides,
+    from_dict,
+    from_hf_config,
+    load_preset,
+    to_dict,
+    to_hf_config,
+)
 
 # The released Molmo2-4B config.json (the keys our loader reads; values from the published file).
 RELEASED_4B = {

@@ -113,7 +113,8 @@ def test_non_empty_destination_refused_unless_overwrite(reference, tmp_path, cap
     (dst / "keep.txt").write_text("mine")
     assert main(["convert", str(src), str(dst)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"molmo2-jax convert: error: {dst}: destination exists and is not empty (pass --overwrite to replace it)"
+    assert err == (f"molmo2-jax convert: error: {dst}: destination exists and is not empty (pass --overwrite to "
+                   "replace it)")
     assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
     assert main(["convert", str(src), str(dst), "--overwrite"]) == 0
     assert (dst / "molmo2_jax_config.json").is_file() and not (dst / "keep.txt").exists()

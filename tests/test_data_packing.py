@@ -30,7 +30,8 @@ def _example(inputs: dict, name: str) -> dict:
 @pytest.fixture(scope="module")
 def packed():
     inputs = [image_inputs([random_image(378, 378, 1)], seed=1), image_inputs([random_image(200, 100, 2)], seed=2),
-              video_inputs(3, seed=3, frame_special_tokens=False), {"input_ids": np.asarray([text_ids(np.random.default_rng(4), 17)])}]
+              video_inputs(3, seed=3, frame_special_tokens=False),
+              {"input_ids": np.asarray([text_ids(np.random.default_rng(4), 17)])}]
     inputs[3].update(attention_mask=np.ones_like(inputs[3]["input_ids"]),
                      mm_token_type_ids=np.zeros_like(inputs[3]["input_ids"]))
     builder = BatchBuilder(batch_size=2, capacity=BUCKETS[1])
@@ -66,7 +67,7 @@ def test_packed_batch_matches_each_example_alone(reference, packed):
 def test_targets_positions_and_segments_stay_in_each_example(packed):
     inputs, examples, rows, batch = packed
     assert batch["input_ids"].shape == (2, 768) and batch["pixel_values"].shape == (6, 729, 588)
-    for seg_row, (r, row) in enumerate(enumerate(rows)):
+    for r, row in enumerate(rows):
         for seg, ex in enumerate(row, start=1):
             _, sl = _slots(rows, ex["name"])
             n = len(ex["input_ids"])

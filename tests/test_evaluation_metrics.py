@@ -11,11 +11,11 @@ process. The official means go through torchmetrics in float32, ours are float64
 
 import json
 
+import eval_fixtures as F
 import numpy as np
 import pytest
 from PIL import Image
 
-import eval_fixtures as F
 from molmo2_jax.evaluation import answers, metrics
 from molmo2_jax.evaluation.datasets import read_examples
 

@@ -147,12 +147,12 @@ def test_full_disk_during_a_training_save(tmp_path, skip_space_check):
     assert result.returncode == 1, result.stderr[-3000:]
     if skip_space_check:
         line = result.stderr.strip().splitlines()[-1]
-        assert re.fullmatch(rf"molmo2-jax train: error: could not save step 4 to {run / 'checkpoints' / '4'}: no space left "
-                            r"on device \(\d+\.\d KB free\); its partial files are removed", line), line
+        assert re.fullmatch(rf"molmo2-jax train: error: could not save step 4 to {run / 'checkpoints' / '4'}: no space "
+                            r"left on device \(\d+\.\d KB free\); its partial files are removed", line), line
     else:
         line = _one_error_line(result.stderr)
-        assert re.fullmatch(rf"molmo2-jax train: error: could not save step 4 to {run / 'checkpoints' / '4'}: no space left "
-                            r"on device \(1\.\d MB free, a step takes about 2\.\d MB\); nothing was written",
+        assert re.fullmatch(rf"molmo2-jax train: error: could not save step 4 to {run / 'checkpoints' / '4'}: no space "
+                            r"left on device \(1\.\d MB free, a step takes about 2\.\d MB\); nothing was written",
                             line), line
     assert sorted(p.name for p in (tmp_path / "left" / "run" / "checkpoints").iterdir()) == ["2"]
     if not skip_space_check:

@@ -12,8 +12,8 @@ from PIL import Image
 from molmo2_jax.data.conversation import answer_text
 from molmo2_jax.data.errors import BadExampleError
 from molmo2_jax.grounding import (
-    NONE_ANSWER,
     NO_TRACKS_ANSWER,
+    NONE_ANSWER,
     GroundingError,
     Point,
     Track,

@@ -7,8 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import (Olmo3Config, Olmo3ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Siglip2VisionConfig,
-                          Siglip2VisionModel, SiglipVisionConfig, SiglipVisionModel)
+from transformers import (
+    Olmo3Config,
+    Olmo3ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from molmo2_jax.checkpoint.hf import CheckpointError
 from molmo2_jax.checkpoint.init_from import params_from_llm_vit, starting_config
@@ -136,9 +144,9 @@ def test_checkpoint_of_another_shape_fails_with_the_tensors_named(llm, vit, tmp_
 def test_sft_starts_from_a_molmo2_checkpoint_or_a_training_step(tmp_path):
     """init.kind molmo2: the released-layout HF checkpoint's params (as `molmo2_jax.load` reads them), or the
     params of a training run's step directory, become the train state's params."""
-    import molmo2_jax
     from ref_model import make_reference
 
+    import molmo2_jax
     from molmo2_jax.training.checkpointing import Checkpointer
     from molmo2_jax.training.config import parse_train_config
     from molmo2_jax.training.run import resolve_model_config, starting_state

@@ -308,8 +308,9 @@ def test_tokenizer_ids_come_from_the_checkpoint(procs):
 
 
 def test_tokenizer_errors(tmp_path):
-    from molmo2_jax.preprocessing import Molmo2Tokenizer, TokenizerLoadError
     from tokenizers import Tokenizer, models
+
+    from molmo2_jax.preprocessing import Molmo2Tokenizer, TokenizerLoadError
 
     with pytest.raises(TokenizerLoadError, match="tokenizer path not found"):
         Molmo2Tokenizer.from_pretrained(tmp_path / "missing")

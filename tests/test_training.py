@@ -354,8 +354,8 @@ def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
     err = (tmp_path / "stderr").read_text()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    stopped = re.fullmatch(r"molmo2-jax train: SIGTERM received: stopped after step (\d+); saved (\S+) \(run again with "
-                           r"the same run_dir to resume\)", err.strip().splitlines()[-1])
+    stopped = re.fullmatch(r"molmo2-jax train: SIGTERM received: stopped after step (\d+); saved (\S+) \(run again "
+                           r"with the same run_dir to resume\)", err.strip().splitlines()[-1])
     assert stopped, err[-3000:]
     step, saved = int(stopped[1]), Path(stopped[2])
     assert 2 <= step < 6 and saved == tmp_path / "run" / "checkpoints" / str(step)

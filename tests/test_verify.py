@@ -47,7 +47,8 @@ def test_bad_input_is_one_line(reference, tmp_path, capsys):
         pytest.skip("input validation does not depend on the family")
     assert main(["verify", "--hf", str(tmp_path), "--jax", str(src)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"molmo2-jax verify: error: {tmp_path}: not a Hugging Face Molmo2 checkpoint (config.json + *.safetensors)"]
+    assert err == [f"molmo2-jax verify: error: {tmp_path}: not a Hugging Face Molmo2 checkpoint "
+                   "(config.json + *.safetensors)"]
 
 
 def test_metrics():

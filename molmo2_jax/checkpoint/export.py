@@ -114,7 +114,7 @@ class ParamSource:
         self._check_params()
 
     @classmethod
-    def open(cls, src: Path, step: int | None = None) -> "ParamSource":
+    def open(cls, src: Path, step: int | None = None) -> ParamSource:
         if not src.is_dir():
             raise hf.CheckpointError(f"{src}: checkpoint directory does not exist")
         if converted.is_converted(src):
@@ -168,7 +168,7 @@ class _ChunkwiseReader:
     def __init__(self, store: ts.TensorStore):
         self.store = store
 
-    def __getitem__(self, index) -> "_ChunkwiseReader":
+    def __getitem__(self, index) -> _ChunkwiseReader:
         return _ChunkwiseReader(self.store[index])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -182,7 +182,7 @@ class _ChunkwiseReader:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-def _run_side_dirs(source: "ParamSource") -> list[Path]:
+def _run_side_dirs(source: ParamSource) -> list[Path]:
     """The directories a training run took its tokenizer and processor from, each required to hold them."""
     if source.train_config is None:
         return []

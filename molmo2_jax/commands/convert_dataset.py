@@ -14,7 +14,8 @@ HELP = "turn a released Molmo2 / PixMo dataset (local parquet / JSON + media dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", required=True,
-                        help="pixmo-points, pixmo-count, molmo2-videopoint, molmo2-videotrack, molmo2-humanqa or molmo2-capqa")
+                        help="pixmo-points, pixmo-count, molmo2-videopoint, molmo2-videotrack, molmo2-humanqa or "
+                             "molmo2-capqa")
     parser.add_argument("--data", required=True, help="a .parquet / .json / .jsonl file or a directory of them")
     parser.add_argument("--media", required=True, help="directory holding the images / videos")
     parser.add_argument("--style", default="point", help="point or count: the task of point annotations")

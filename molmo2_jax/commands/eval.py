@@ -25,10 +25,12 @@ VIDEO_FPS = {"tracking": 1.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory with its tokenizer and processor files")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory with its tokenizer and processor files")
     parser.add_argument("--task", required=True,
                         help="pointing, point_bench, count, video_count, video_pointing or tracking")
-    parser.add_argument("--data", required=True, help="the eval set: .parquet / .json / .jsonl file or a directory of them")
+    parser.add_argument("--data", required=True,
+                        help="the eval set: .parquet / .json / .jsonl file or a directory of them")
     parser.add_argument("--media", help="directory of its images / videos")
     parser.add_argument("--out", required=True, help="output directory (predictions.jsonl, metrics.json)")
     parser.add_argument("--max-new-tokens", type=int, default=448)

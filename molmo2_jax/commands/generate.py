@@ -105,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
     result = model.generate(inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, tokenizer=processor.tokenizer)
     answer = result.texts[0]
-    print(f"load {load_seconds:.2f} s | compile {result.compile_seconds:.2f} s | prefill {result.prefill_seconds:.3f} s "
-          f"({result.prompt_tokens[0]} prompt tokens) | decode {result.decode_seconds:.3f} s "
+    print(f"load {load_seconds:.2f} s | compile {result.compile_seconds:.2f} s | "
+          f"prefill {result.prefill_seconds:.3f} s ({result.prompt_tokens[0]} prompt tokens) | "
+          f"decode {result.decode_seconds:.3f} s "
           f"({result.num_new_tokens} new tokens, {result.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
 
     image_sizes = [(im.shape[1], im.shape[0]) for im in images] or None

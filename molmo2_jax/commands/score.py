@@ -18,7 +18,8 @@ HELP = "score a predictions file (JSONL of {id, prediction}) against a released 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True,
                         help="pointing, point_bench, count, video_count, video_pointing or tracking")
-    parser.add_argument("--data", required=True, help="the eval set: .parquet / .json / .jsonl file or a directory of them")
+    parser.add_argument("--data", required=True,
+                        help="the eval set: .parquet / .json / .jsonl file or a directory of them")
     parser.add_argument("--predictions", required=True, help='JSONL, one {"id": ..., "prediction": "<text>"} per line')
     parser.add_argument("--media", help="directory of the images / masks (point_bench; pointing to check mask sizes)")
     parser.add_argument("--sampling-fps", type=int, default=1, help="tracking: frames scored per second (official: 1)")

@@ -11,8 +11,9 @@ grounding formatters on the 0..1000 scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -143,7 +144,8 @@ def tokenize_conversation(
     Returns `input_ids`, `mm_token_type_ids` (int32 `[T]`), `token_weights` (float32 `[T]`, the loss
     weight of predicting each token), the processor's vision arrays (`pixel_values`,
     `image_token_pooling`, `pixel_values_videos`, `video_token_pooling`, pooling local to the example),
-    `video_patch_mask` (int32 `[T]`) when it has images and a video, and `name`. Raises `BadExampleError` naming `name` and the problem.
+    `video_patch_mask` (int32 `[T]`) when it has images and a video, and `name`. Raises `BadExampleError` naming
+    `name` and the problem.
     """
     messages = list(messages)
     for i, m in enumerate(messages):

@@ -23,7 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # the model inputs of a batch
+from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # noqa: F401 (molmo2_jax.data exports it)
 from molmo2_jax.batch import video_patch_mask
 from molmo2_jax.data.errors import DataError
 from molmo2_jax.preprocessing.collate import Bucket
@@ -174,7 +174,7 @@ class PackIterDataset(grain.IterDataset):
         super().__init__(parent)
         self.config = config
 
-    def __iter__(self) -> "PackIterator":
+    def __iter__(self) -> PackIterator:
         return PackIterator(self._parent.__iter__(), self.config)
 
     def __str__(self) -> str:

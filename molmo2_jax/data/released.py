@@ -135,7 +135,8 @@ def molmo2_capqa(rows: list[dict], media: Path, style: str) -> dict:
         if len(options) > len(letters):
             raise RowError(f"{len(options)} options; at most {len(letters)} can be lettered")
         listed = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options))
-        messages += [{"role": "user", "content": f"{row['Question']}\nOnly return the correct answer option.\n{listed}"},
+        question = f"{row['Question']}\nOnly return the correct answer option.\n{listed}"
+        messages += [{"role": "user", "content": question},
                      {"role": "assistant", "content": f"{letters[index]}. {row['Answer']}"}]
     return {"video": str(_find(media, rows[0]["video_id"])), "messages": messages}
 

@@ -76,7 +76,7 @@ class SyntheticConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "SyntheticConfig":
+    def from_json(cls, text: str) -> SyntheticConfig:
         data = json.loads(text)
         data["task_weights"] = tuple(tuple(x) for x in data["task_weights"])
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
@@ -243,8 +243,9 @@ def encode_png(frame: np.ndarray) -> bytes:
 
 def encode_video(frames: np.ndarray, fps: float) -> bytes:
     """MPEG-4 bytes (mp4 container) of `[F, H, W, 3]` uint8 frames at `fps`."""
-    import av
     from fractions import Fraction
+
+    import av
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:

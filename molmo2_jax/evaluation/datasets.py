@@ -225,7 +225,8 @@ def _prompt(task: str, row: dict, media: Path | None, sampling_fps: int) -> tupl
     if task == "video_count":
         return row.get("question", ""), None, _find_video(media, row.get("video_id"))
     if task == "video_pointing":
-        return f'How many "{row.get("label", "")}" are there in the video?', None, _find_video(media, row.get("video_id"))
+        return (f'How many "{row.get("label", "")}" are there in the video?', None,
+                _find_video(media, row.get("video_id")))
     return (f"Track {row.get('exp', '')} in {sampling_fps} FPS.", None,
             _find_video(media, row.get("clip"), row.get("video")))
 

@@ -262,7 +262,8 @@ def _hota(truth: TrackTruth, predicted: dict[int, dict], gt: dict[int, dict]) ->
 def tracking_example(truth: TrackTruth, answer: str) -> dict[str, float]:
     """Per-frame precision / recall / F1 averaged over the frames with a truth or a prediction, and
     HOTA / DetA / AssA over the video."""
-    predicted = dict(answers.track_frames(answer, truth.width, truth.height, truth.fps))  # a repeated frame: the later wins
+    # a repeated frame: the later wins
+    predicted = dict(answers.track_frames(answer, truth.width, truth.height, truth.fps))
     gt = dict(truth.frames)
     frames = sorted(set(predicted) | set(gt))
     if frames:

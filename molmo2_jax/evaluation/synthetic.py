@@ -93,7 +93,8 @@ def evaluate(model, processor, records: Iterable[dict[str, Any]], *, max_new_tok
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """A Markdown table with one column per evaluated model."""
     rows = [("pointing accuracy (point precision)", "pointing_accuracy"), ("pointing recall", "pointing_recall"),
-            ("pointing, every object exact (incl. 'none' answers)", "pointing_exact"), ("counting exact match", "counting_exact_match"),
+            ("pointing, every object exact (incl. 'none' answers)", "pointing_exact"),
+            ("counting exact match", "counting_exact_match"),
             ("tracking accuracy", "tracking_accuracy")]
     names = list(results)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

@@ -2,8 +2,8 @@
 
 from .draw import draw_points, draw_tracks
 from .text import (
-    NONE_ANSWER,
     NO_TRACKS_ANSWER,
+    NONE_ANSWER,
     Grounding,
     GroundingError,
     Point,

@@ -276,7 +276,7 @@ def _to_units(x: float, y: float, size: Size | None, what: str) -> tuple[int, in
 def _format_time(t: float | None, what: str) -> str:
     if not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
         raise GroundingError(f"{what}: time must be a non-negative number of seconds, got {t!r}")
-    return "%0.1f" % t
+    return f"{float(t):.1f}"
 
 
 def _triplets(items: Iterable[tuple[int, int, int]]) -> str:

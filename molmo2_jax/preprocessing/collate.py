@@ -7,8 +7,8 @@ arrays are padded to `seq_len`. Every key is always present so one compiled step
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -10,14 +10,14 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from molmo2_jax.preprocessing.errors import ImageLoadError, PreprocessingError
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 @dataclass(frozen=True)
 class ImageConfig:
@@ -42,7 +42,7 @@ class ImageConfig:
                                      "smaller margins")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ImageConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ImageConfig:
         """Build from a (released or transformers-saved) image/video processor config dict."""
         size = d.get("size", {"height": cls.size, "width": cls.size})
         if isinstance(size, dict):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from molmo2_jax.preprocessing.video import (
     sample_indices,
 )
 
-VideoInput = Union[str, os.PathLike, bytes, DecodedVideo, tuple, np.ndarray]
+VideoInput = str | os.PathLike | bytes | DecodedVideo | tuple | np.ndarray
 
 # Token types the model attends to bidirectionally (mm_token_type_ids == 1).
 MM_TOKENS = ("<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>",
@@ -88,7 +89,7 @@ class Molmo2Processor:
         self.bos_token = tokenizer.bos_token or tokenizer.eos_token
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Molmo2Processor":
+    def from_pretrained(cls, path: str | Path) -> Molmo2Processor:
         """Load tokenizer and processor settings from a checkpoint directory.
 
         Reads the released files (`preprocessor_config.json`, `video_preprocessor_config.json`,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from molmo2_jax.preprocessing.errors import TokenizerLoadError
 
@@ -127,7 +128,7 @@ class Molmo2Tokenizer:
             raise TokenizerLoadError(f"{source} lacks the Molmo2 special tokens {missing}")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Molmo2Tokenizer":
+    def from_pretrained(cls, path: str | Path) -> Molmo2Tokenizer:
         """Load from a checkpoint directory (or a `tokenizer.json` / `.model` file inside one)."""
         path = Path(path)
         if path.is_file():

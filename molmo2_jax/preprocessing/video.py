@@ -11,14 +11,14 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from molmo2_jax.preprocessing.errors import VideoDecodeError
 from molmo2_jax.preprocessing.image import ImageConfig, arange_for_pooling, normalize, patchify, resize_bilinear
 
-VideoSource = Union[str, os.PathLike, bytes]
+VideoSource = str | os.PathLike | bytes
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class VideoConfig:
     rescale_factor: float = 1 / 255
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VideoConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VideoConfig:
         """Build from a (released or transformers-saved) video processor config dict."""
         img = ImageConfig.from_dict(d)
         kw: dict[str, Any] = {"size": img.size, "patch_size": img.patch_size, "image_mean": img.image_mean,

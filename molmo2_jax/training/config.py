@@ -103,7 +103,7 @@ class TrainConfig:
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.steps < 1:
             raise TrainConfigError(f"steps must be >= 1, got {self.steps}")
         if self.grad_accum < 1:
@@ -122,7 +122,7 @@ class TrainConfig:
                 raise TrainConfigError(f"optimizer.{name}: lr and warmup_steps must be >= 0")
         return self
 
-    def with_absolute_paths(self) -> "TrainConfig":
+    def with_absolute_paths(self) -> TrainConfig:
         """This config with every path made absolute, so a run behaves (and its saved config reads) the same
         whether it was given relative or absolute paths, whatever the working directory of a later export."""
 

@@ -21,8 +21,12 @@ from molmo2_jax.config import from_dict
 from molmo2_jax.distributed import startup_lines
 from molmo2_jax.params import flatten, init_params, param_shapes, unflatten
 from molmo2_jax.sharding import describe_mesh, make_mesh
-from molmo2_jax.training.checkpointing import (Checkpointer, is_training_checkpoint, read_step_config,
-                                               restore_step_params)
+from molmo2_jax.training.checkpointing import (
+    Checkpointer,
+    is_training_checkpoint,
+    read_step_config,
+    restore_step_params,
+)
 from molmo2_jax.training.config import TrainConfig, TrainConfigError, model_config
 from molmo2_jax.training.loop import Trainer, initial_state
 from molmo2_jax.training.metrics import EventWriter
