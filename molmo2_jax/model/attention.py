@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
 
 # Key length from which `attention="auto"` runs blockwise. Measured on XLA:CPU (bench/bench_attention.py):
@@ -26,18 +27,21 @@ def uses_blockwise(impl: str, num_keys: int) -> bool:
     return impl == "blockwise" or (impl == "auto" and num_keys >= BLOCKWISE_MIN_KEYS)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, *, impl: str, block_q: int,
-              block_kv: int) -> jax.Array:
-    """q `[B, T, H, D]`, k/v `[B, S, KV, D]`, mask vectors or None (every key allowed) -> `[B, T, H, D]`."""
-    if uses_blockwise(impl, k.shape[1]):
-        return blockwise_attention(q, k, v, mask, block_q=block_q, block_kv=block_kv)
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, config: Molmo2Config) -> jax.Array:
+    """q `[B, T, H, D]`, k/v `[B, S, KV, D]`, mask vectors or None (every key allowed) -> `[B, T, H, D]`, by the
+    path `config.attention` chooses for S keys."""
+    if uses_blockwise(config.attention, k.shape[1]):
+        return blockwise_attention(q, k, v, mask, block_q=config.attention_block_q,
+                                   block_kv=config.attention_block_kv)
     return dot_product_attention(q, k, v, None if mask is None else mask.allowed())
 
 
 def tile_size(length: int, block: int) -> int:
-    """The tile for `length` rows given the largest tile `block`: as many tiles as `block` needs, evenly sized,
-    so padding stays below one row per tile (729 ViT patches with block 512: two tiles of 365, not 512)."""
-    return -(-length // -(-length // block))
+    """The tile for `length` rows given the largest tile `block` (a multiple of 8): as many tiles as `block`
+    needs, evenly sized and rounded up to 8 rows, so little is padded (729 ViT patches with block 512: two tiles
+    of 368, not 512). A length below one tile is one tile (a decode step's single query is not padded)."""
+    even = -(-length // -(-length // block))
+    return min(length, -(-even // 8) * 8)
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, *, block_q: int,
