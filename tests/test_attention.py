@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 
@@ -20,6 +21,7 @@ from molmo2_jax.data.packing import MODEL_KEYS, assemble
 from molmo2_jax.model.attention import blockwise_attention, tile_size, uses_blockwise
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
 from molmo2_jax.model.molmo2 import Molmo2
+from molmo2_jax.params import flatten
 from molmo2_jax.preprocessing.collate import Bucket
 
 RTOL = 1e-5  # max |blockwise - dense| / max |dense|, per array
@@ -208,6 +210,8 @@ def test_whole_model_blockwise_equals_dense(family):
     results = {}
     for impl in ("dense", "blockwise"):
         model = Molmo2(config.replace(attention=impl, attention_block_q=16, attention_block_kv=24))
+        jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, **batch))(params))
+        assert ("custom_vjp_call" in jaxpr) == (impl == "blockwise")  # the path asked for is the one that runs
 
         def loss(p):
             logits, _ = model.apply({"params": p}, **batch)
@@ -217,11 +221,18 @@ def test_whole_model_blockwise_equals_dense(family):
     (g_dense, l_dense), (g_block, l_block) = results["dense"], results["blockwise"]
     real = np.asarray(batch["attention_mask"]) > 0
     logit_diff = rel_diff(np.asarray(l_block)[real], np.asarray(l_dense)[real])
-    grad_diffs = jax.tree_util.tree_map_with_path(lambda path, b, d: (jax.tree_util.keystr(path), rel_diff(b, d)),
-                                                  g_block, g_dense)
-    worst = max(jax.tree_util.tree_leaves(grad_diffs, is_leaf=lambda x: isinstance(x, tuple)), key=lambda x: x[1])
-    print(f"{family}: logits {logit_diff:.1e}, worst param gradient {worst[0]} {worst[1]:.1e}")
-    assert logit_diff <= RTOL
+    assert logit_diff <= RTOL, logit_diff
+    # A key bias adds q.b_k to every logit of a query's row, which softmax ignores: its true gradient is 0 and
+    # both paths hold rounding noise there, so it is held to 0 on the scale of the query bias's gradient.
+    flat_block, flat_dense = (flatten(nn.unbox(g)) for g in (g_block, g_dense))
+    worst = ("", 0.0)
+    for name, dense in flat_dense.items():
+        if name.endswith("k/bias"):
+            noise = max(np.abs(np.asarray(flat_block[name])).max(), np.abs(np.asarray(dense)).max())
+            assert noise <= RTOL * np.abs(np.asarray(flat_dense[name.replace("k/bias", "q/bias")])).max(), name
+            continue
+        worst = max(worst, (name, rel_diff(flat_block[name], dense)), key=lambda x: x[1])
+    print(f"{family}: logits {logit_diff:.1e}, worst parameter gradient {worst[0]} {worst[1]:.1e}")
     assert worst[1] <= RTOL, worst
 
 
