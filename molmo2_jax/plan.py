@@ -169,8 +169,8 @@ def _attention_elements(config: Molmo2Config, batch: int, queries: int, keys: in
 def attention_pairs(config: Molmo2Config, length: int, visual: int | None) -> int:
     """(query, key) pairs one head's attention over a sequence of `length` computes: all `length**2` on the dense
     path; on the blockwise path the area of the tiles it visits (padded rows included). `visual=None`: no mask
-    (ViT), every tile; else causal with the first `visual` tokens forming the bidirectional block (a tile with
-    no allowed pair is skipped)."""
+    (ViT), every tile; else causal with the first `visual` tokens forming the bidirectional block (each query
+    tile visits key tiles up to the last one holding an allowed pair)."""
     if not uses_blockwise(config.attention, length):
         return length * length
     bq, bk = tile_size(length, config.attention_block_q), tile_size(length, config.attention_block_kv)

@@ -2,8 +2,9 @@
 
 The forward pass runs an online softmax over KV tiles for each query tile and keeps only the output and the
 log-sum-exp; the backward pass (a `jax.custom_vjp`) recomputes each tile's probabilities from them. No `[T, S]`
-array exists: each tile's mask comes from the `MaskInfo` vectors sliced to the tile, and a tile with no allowed
-(query, key) pair in the whole batch is skipped (`lax.cond`), so causal attention does about half the work.
+array exists: each tile's mask comes from the `MaskInfo` vectors sliced to the tile, and each query tile loops
+only over the range of key tiles that may hold an allowed pair (from per-tile summaries of the vectors), so causal
+attention does about half the work and a decode step skips the empty end of the cache.
 Grouped-query heads share their K/V tile: the group is folded into the query rows, K/V are never repeated.
 
 `attention` picks this path or the dense reference (`layers.dot_product_attention`) by the config.
@@ -67,7 +68,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo
     qt = tiles(q.reshape(b, t, kv, h // kv, d), nq, bq, 0)  # [nq, B, bq, KV, G, D]
     qt = qt.transpose(0, 1, 3, 4, 2, 5).reshape(nq, b, kv, h // kv * bq, d)
     kt, vt = (tiles(x, nk, bk, 0).transpose(0, 1, 3, 2, 4) for x in (k, v))  # [nk, B, KV, bk, D]
-    out = _flash(qt, kt, vt, q_vecs, k_vecs)
+    out = _flash(qt, kt, vt, q_vecs, k_vecs, _tile_ranges(q_vecs, k_vecs))
     out = out.reshape(nq, b, kv, h // kv, bq, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, h, d)
     return out[:, :t]
 
@@ -82,84 +83,102 @@ def _logits(q, k):
     return jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
 
 
+def _tile_ranges(q_vecs, k_vecs) -> tuple[jax.Array, ...]:
+    """Per query tile the key tiles `[lo, hi)` that may hold an allowed pair, and per key tile the query tiles.
+
+    Judged from per-tile summaries of the vectors (segment range, lowest key slot, highest query slot, any visual
+    token), so a range is a superset: a tile inside it with nothing allowed is computed and fully masked."""
+    top = jnp.iinfo(jnp.int32).max
+
+    def summary(seg, idx, mm):  # [n, B', tile] -> [n, B'] each, over the tile's real tokens
+        real = seg > 0
+        return (jnp.where(real, seg, top).min(-1), jnp.where(real, seg, -1).max(-1),
+                jnp.where(real, idx, top).min(-1), jnp.where(real, idx, -1).max(-1), (real & mm).any(-1))
+
+    q_seg_lo, q_seg_hi, _, q_idx_hi, q_mm = (x[:, None] for x in summary(*q_vecs))
+    k_seg_lo, k_seg_hi, k_idx_lo, _, k_mm = (x[None] for x in summary(*k_vecs))
+    possible = ((q_seg_lo <= k_seg_hi) & (k_seg_lo <= q_seg_hi) & ((k_idx_lo <= q_idx_hi) | (q_mm & k_mm))).any(-1)
+
+    def bounds(table):  # [n, m] -> first and one-past-last true column of each row (0, 0 when none)
+        m, any_ = table.shape[1], table.any(1)
+        return (jnp.where(any_, jnp.argmax(table, 1), 0).astype(jnp.int32),
+                jnp.where(any_, m - jnp.argmax(table[:, ::-1], 1), 0).astype(jnp.int32))
+
+    return (*bounds(possible), *bounds(possible.T))
+
+
 @jax.custom_vjp
-def _flash(q, k, v, q_vecs, k_vecs):
-    return _flash_forward(q, k, v, q_vecs, k_vecs)[0]
+def _flash(q, k, v, q_vecs, k_vecs, ranges):
+    return _flash_forward(q, k, v, q_vecs, k_vecs, ranges)[0]
 
 
-def _flash_forward(q, k, v, q_vecs, k_vecs):
-    """q `[nq, B, KV, Q, D]` (Q = group * bq), k/v `[nk, B, KV, bk, D]` -> out like q, lse `[nq, B, KV, Q]`."""
+def _flash_forward(q, k, v, q_vecs, k_vecs, ranges):
+    """q `[nq, B, KV, Q, D]` (Q = group * bq), k/v `[nk, B, KV, bk, D]` -> out like q, lse `[nq, B, KV, Q]`.
+    Each query tile loops over its range of key tiles only."""
     group = q.shape[3] // q_vecs[0].shape[2]
+    k_lo, k_hi = ranges[:2]
 
     def query_tile(args):
-        q_t, qv = args
+        q_t, qv, lo, hi = args
 
-        def key_tile(carry, kargs):
-            k_t, v_t, kv_ = kargs
-            allowed = _tile_mask(qv, kv_, group)
-
-            def update(carry):
-                m, l, acc = carry
-                s = jnp.where(allowed, _logits(q_t, k_t), -jnp.inf)
-                m_new = jnp.maximum(m, s.max(-1))
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
-                p = jnp.exp(s - m_safe[..., None])
-                correction = jnp.exp(m - m_safe)
-                acc = acc * correction[..., None] + jnp.einsum("bkqs,bksd->bkqd", p.astype(v_t.dtype), v_t,
-                                                               preferred_element_type=jnp.float32)
-                return m_new, l * correction + p.sum(-1), acc
-
-            return jax.lax.cond(jnp.any(allowed), update, lambda c: c, carry), None
+        def key_tile(j, carry):
+            m, l, acc = carry
+            k_t, v_t = k[j], v[j]
+            allowed = _tile_mask(qv, tuple(x[j] for x in k_vecs), group)
+            s = jnp.where(allowed, _logits(q_t, k_t), -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
+            p = jnp.exp(s - m_safe[..., None])
+            correction = jnp.exp(m - m_safe)
+            acc = acc * correction[..., None] + jnp.einsum("bkqs,bksd->bkqd", p.astype(v_t.dtype), v_t,
+                                                           preferred_element_type=jnp.float32)
+            return m_new, l * correction + p.sum(-1), acc
 
         rows = q_t.shape[:-1]
         init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
                 jnp.zeros(q_t.shape, jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(key_tile, init, (k, v, k_vecs))
+        m, l, acc = jax.lax.fori_loop(lo, hi, key_tile, init)
         out = (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q_t.dtype)
         return out, jnp.where(l > 0, m + jnp.log(l), jnp.inf)  # lse = inf: a row with nothing allowed
 
-    return jax.lax.map(query_tile, (q, q_vecs))
+    return jax.lax.map(query_tile, (q, q_vecs, k_lo, k_hi))
 
 
-def _flash_fwd(q, k, v, q_vecs, k_vecs):
-    out, lse = _flash_forward(q, k, v, q_vecs, k_vecs)
-    return out, (q, k, v, q_vecs, k_vecs, out, lse)
+def _flash_fwd(q, k, v, q_vecs, k_vecs, ranges):
+    out, lse = _flash_forward(q, k, v, q_vecs, k_vecs, ranges)
+    return out, (q, k, v, q_vecs, k_vecs, ranges, out, lse)
 
 
 def _flash_bwd(res, d_out):
-    """Flash-attention-2 backward: for each KV tile, loop over query tiles, recompute the probabilities from the
-    saved log-sum-exp, accumulate dK and dV for the tile and add each query tile's dQ into the carried total."""
-    q, k, v, q_vecs, k_vecs, out, lse = res
+    """Flash-attention-2 backward: for each KV tile, loop over its range of query tiles, recompute the
+    probabilities from the saved log-sum-exp, accumulate dK and dV for the tile and add each query tile's dQ into
+    the carried total."""
+    q, k, v, q_vecs, k_vecs, ranges, out, lse = res
     group = q.shape[3] // q_vecs[0].shape[2]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # rowsum(dO * O) [nq, B, KV, Q]
     scale = q.shape[-1] ** -0.5
 
     def key_tile(dq, kargs):
-        k_t, v_t, kv_ = kargs
+        k_t, v_t, kv_, lo, hi = kargs
 
-        def query_tile(carry, qargs):
-            q_t, do_t, lse_t, delta_t, qv = qargs
-            allowed = _tile_mask(qv, kv_, group)
-
-            def grads(carry):
-                dk, dv = carry
-                p = jnp.where(allowed, jnp.exp(_logits(q_t, k_t) - lse_t[..., None]), 0.0)
-                dv = dv + jnp.einsum("bkqs,bkqd->bksd", p.astype(do_t.dtype), do_t,
-                                     preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bkqd,bksd->bkqs", do_t, v_t, preferred_element_type=jnp.float32)
-                ds = (p * (dp - delta_t[..., None]) * scale).astype(q_t.dtype)
-                dk = dk + jnp.einsum("bkqs,bkqd->bksd", ds, q_t, preferred_element_type=jnp.float32)
-                return (dk, dv), jnp.einsum("bkqs,bksd->bkqd", ds, k_t, preferred_element_type=jnp.float32)
-
-            skip = lambda carry: (carry, jnp.zeros(q_t.shape, jnp.float32))
-            return jax.lax.cond(jnp.any(allowed), grads, skip, carry)
+        def query_tile(i, carry):
+            dq, dk, dv = carry
+            q_t, do_t = q[i], d_out[i]
+            allowed = _tile_mask(tuple(x[i] for x in q_vecs), kv_, group)
+            p = jnp.where(allowed, jnp.exp(_logits(q_t, k_t) - lse[i][..., None]), 0.0)
+            dv = dv + jnp.einsum("bkqs,bkqd->bksd", p.astype(do_t.dtype), do_t, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkqd,bksd->bkqs", do_t, v_t, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta[i][..., None]) * scale).astype(q_t.dtype)
+            dk = dk + jnp.einsum("bkqs,bkqd->bksd", ds, q_t, preferred_element_type=jnp.float32)
+            dq = dq.at[i].add(jnp.einsum("bkqs,bksd->bkqd", ds, k_t, preferred_element_type=jnp.float32))
+            return dq, dk, dv
 
         zeros = jnp.zeros(k_t.shape, jnp.float32)
-        (dk, dv), dq_tiles = jax.lax.scan(query_tile, (zeros, zeros), (q, d_out, lse, delta, q_vecs))
-        return dq + dq_tiles, (dk.astype(k_t.dtype), dv.astype(v_t.dtype))
+        dq, dk, dv = jax.lax.fori_loop(lo, hi, query_tile, (dq, zeros, zeros))
+        return dq, (dk.astype(k_t.dtype), dv.astype(v_t.dtype))
 
-    dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros(q.shape, jnp.float32), (k, v, k_vecs))
-    return dq.astype(q.dtype), dk, dv, None, None
+    dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros(q.shape, jnp.float32), (k, v, k_vecs, *ranges[2:]))
+    return dq.astype(q.dtype), dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
