@@ -7,6 +7,25 @@ XLA's temporary bytes, for decoder-shaped attention with the Molmo2 mask at seve
 
 The decoder layout is one example per row: a 32-token prompt, then visual tokens (the bidirectional block) over
 the first half of the sequence, then text. The ratio column is dense time / blockwise time (> 1: blockwise wins).
+
+Recorded 2026-12-02 on this repository's 2-core CPU machine (shared, so times are noisy; both paths of a row come
+from the same run), defaults (8 heads, 2 KV heads, head dim 64, block 512, float32):
+
+| case | kind | dense ms / MiB | blockwise ms / MiB | ratio |
+|---|---|---|---|---|
+| decoder 512 | forward | 48.8 / 16.3 | 24.1 / 16.3 | 2.03 |
+| decoder 512 | fwd+bwd | 92.7 / 27.0 | 123.9 / 41.0 | 0.75 |
+| decoder 1024 | forward | 250 / 65.0 | 56.6 / 22.3 | 4.42 |
+| decoder 1024 | fwd+bwd | 830 / 103 | 310 / 32.1 | 2.67 |
+| decoder 2048 | forward | 1383 / 260 | 167 / 27.3 | 8.29 |
+| decoder 2048 | fwd+bwd | 8212 / 400 | 1723 / 37.1 | 4.77 |
+| decoder 8192 | forward | 32080 / 4162 | 6301 / 50.3 | 5.09 |
+| decoder 8192 | fwd+bwd | 174373 / 6256 | 16772 / 67.5 | 10.40 |
+| ViT 8 x 729 | forward | 3357 / 76.9 | 2144 / 262 | 1.57 |
+| ViT 8 x 729 | fwd+bwd | 6992 / 1090 | 5850 / 419 | 1.20 |
+| decode T=1, S=8192 | forward | 253 / 32.2 | 8.1 / 12.0 | 31.4 |
+
+(8192: `--lengths 8192 --repeats 1 --skip-vit`, a separate run; an earlier run gave the ViT ratios 1.01 / 1.04.)
 """
 
 from __future__ import annotations

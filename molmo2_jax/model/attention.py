@@ -18,8 +18,10 @@ import jax.numpy as jnp
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
 
-# Key length from which `attention="auto"` runs blockwise. Measured on XLA:CPU (bench/bench_attention.py):
-# below it the dense path is as fast or faster and its [T, S] logits are small.
+# Key length from which `attention="auto"` runs blockwise. Measured on XLA:CPU (bench/bench_attention.py): at 512
+# tokens dense forward+backward is faster (blockwise 0.75-0.9x), from 1024 on blockwise wins (forward+backward
+# 1.0-2.7x at 1024, 3.7-4.8x at 2048, 10x at 8192). The ViT's 729 keys stay dense: about even in time, and the
+# dense forward holds less memory there.
 BLOCKWISE_MIN_KEYS = 1024
 
 
@@ -64,7 +66,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo
     # Padded queries get segment -1 and padded keys segment 0: neither is allowed anything.
     q_vecs = (tiles(mask.q_seg, nq, bq, -1), tiles(mask.q_idx, nq, bq, 0), tiles(mask.q_mm, nq, bq, False))
     k_vecs = (tiles(mask.k_seg, nk, bk, 0), tiles(mask.k_idx, nk, bk, 0), tiles(mask.k_mm, nk, bk, False))
-    # q [B, T, H, D] -> [nq, B, KV, group * bq, D] (heads of one group next to each other's rows)
+    # q [B, T, H, D] -> [nq, B, KV, group * bq, D]: row g * bq + i of a tile is query i under head g of the group
     qt = tiles(q.reshape(b, t, kv, h // kv, d), nq, bq, 0)  # [nq, B, bq, KV, G, D]
     qt = qt.transpose(0, 1, 3, 4, 2, 5).reshape(nq, b, kv, h // kv * bq, d)
     kt, vt = (tiles(x, nk, bk, 0).transpose(0, 1, 3, 2, 4) for x in (k, v))  # [nk, B, KV, bk, D]
