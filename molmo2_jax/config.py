@@ -143,6 +143,11 @@ class Molmo2Config:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # "none", "full", "dots", "dots_no_batch" (see model/layers.py)
+    # Attention path of the decoder, ViT and connector: "dense" (the reference), "blockwise" (model/attention.py)
+    # or "auto" (blockwise from attention.BLOCKWISE_MIN_KEYS keys on); tiles are at most these many rows.
+    attention: str = "auto"
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
 
     def validate(self) -> Molmo2Config:
         t, v, a = self.text, self.vision, self.adapter
@@ -163,6 +168,12 @@ class Molmo2Config:
                 raise ConfigError(f"{name} must be float32, bfloat16 or float16, not {getattr(self, name)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_PATHS:
+            raise ConfigError(f"attention {self.attention!r} is not one of {list(ATTENTION_PATHS)}")
+        for name in ("attention_block_q", "attention_block_kv"):
+            block = getattr(self, name)
+            if not isinstance(block, int) or block < 8 or block % 8:
+                raise ConfigError(f"{name} = {block!r} does not fit a tile: use a positive multiple of 8 (e.g. 512)")
         return self
 
     def replace(self, **changes: Any) -> Molmo2Config:
@@ -170,6 +181,7 @@ class Molmo2Config:
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_PATHS = ("auto", "dense", "blockwise")
 
 
 # ----------------------------------------------------------------------------------------------------

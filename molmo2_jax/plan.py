@@ -14,9 +14,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from molmo2_jax.config import Molmo2Config
+from molmo2_jax.model.attention import tile_size, uses_blockwise
 from molmo2_jax.params import flatten, param_shapes
 from molmo2_jax.sharding import MeshError, check_config, describe_mesh
 from molmo2_jax.training.config import TrainConfig
@@ -152,6 +154,33 @@ class Estimate:
         return sum(dataclasses.asdict(self).values())
 
 
+def _attention_elements(config: Molmo2Config, batch: int, queries: int, keys: int, heads: int,
+                        head_dim: int) -> list[tuple[int, str]]:
+    """What one attention call of the path that runs materialises, as (elements, kind): dense: fp32 logits and
+    softmax `[B, H, T, S]` and the boolean mask; blockwise: the log-sum-exp `[B, H, T]`, one tile pair's fp32
+    logits, probabilities and (backward) their gradients, and the fp32 dQ accumulator."""
+    if not uses_blockwise(config.attention, keys):
+        return [(batch * heads * queries * keys * 2, "bdot32"), (batch * queries * keys, "mask")]
+    tile = tile_size(queries, config.attention_block_q) * tile_size(keys, config.attention_block_kv)
+    return [(batch * heads * queries, "bdot32"), (batch * heads * tile * 4, "tile32"),
+            (batch * heads * queries * head_dim, "tile32")]
+
+
+def attention_pairs(config: Molmo2Config, length: int, visual: int | None) -> int:
+    """(query, key) pairs one head's attention over a sequence of `length` computes: all `length**2` on the dense
+    path; on the blockwise path the area of the tiles it visits (padded rows included). `visual=None`: no mask
+    (ViT), every tile; else causal with the first `visual` tokens forming the bidirectional block (each query
+    tile visits key tiles up to the last one holding an allowed pair)."""
+    if not uses_blockwise(config.attention, length):
+        return length * length
+    bq, bk = tile_size(length, config.attention_block_q), tile_size(length, config.attention_block_kv)
+    q_start = np.arange(0, length, bq)[:, None]
+    k_start = np.arange(0, length, bk)[None, :]
+    visited = np.ones((len(q_start), k_start.shape[1]), bool) if visual is None else (
+        (k_start < q_start + bq) | ((q_start < visual) & (k_start < visual)))
+    return int(visited.sum()) * bq * bk
+
+
 def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping[str, Any]) -> Estimate:
     """What a careful FSDP/TP implementation needs per device; assumes XLA frees each layer's gathered weights
     and working set after use (the figures XLA reports should come close when it does)."""
@@ -172,16 +201,16 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
     layer = [
         (tokens * d, "other"), (tokens * d, "other"),  # norms
         (tokens * h_l * hd, "dot"), (full_t * kv_l * hd * 2, "dot"),  # q, k, v
-        (tokens * h_l * work.seq * 2, "bdot32"),  # logits + softmax weights, fp32
-        (tokens * work.seq, "mask"),  # boolean mask [B, 1, T, S]
+        *_attention_elements(config, b, seq, work.seq, h_l, hd),
         (tokens * h_l * hd, "bdot"), (tokens * d, "dot"),  # attention output, o projection
         (tokens * f_l * 2, "dot"), (tokens * f_l, "other"), (tokens * d, "dot"),  # gate, up, silu*up, down
     ]
-    elem_bytes = {"other": act, "dot": act, "bdot": act, "bdot32": 4, "mask": 1}
-    layer_bytes = lambda kinds: sum(n * elem_bytes[k] for n, k in layer if k in kinds)
+    elem_bytes = {"other": act, "dot": act, "bdot": act, "bdot32": 4, "mask": 1, "tile32": 4}
+    layer_bytes = lambda kinds, items=layer: sum(n * elem_bytes[k] for n, k in items if k in kinds)
     carry = tokens * d * act
     policy = config.remat_policy
-    kept_kinds = {"none": set(elem_bytes), "full": set(), "dots": {"dot", "bdot", "bdot32"},
+    # blockwise tiles live only inside the attention call (its VJP keeps the output and log-sum-exp)
+    kept_kinds = {"none": set(elem_bytes) - {"tile32"}, "full": set(), "dots": {"dot", "bdot", "bdot32"},
                   "dots_no_batch": {"dot"}}[policy]
     saved = L * (carry + layer_bytes(kept_kinds))
     working = 2 * layer_bytes(set(elem_bytes))  # forward recompute + its gradients
@@ -189,7 +218,8 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
     vt = crops * v.num_patches
     vh = v.num_heads // tensor
     vit_layer = vt * (v.hidden_size * 6 + vh * v.head_dim * 4 + v.intermediate_size // tensor * 2) * act \
-        + crops * vh * v.num_patches**2 * 4 * 2
+        + 2 * layer_bytes(set(elem_bytes), _attention_elements(config, crops, v.num_patches, v.num_patches, vh,
+                                                               v.head_dim))
     vit_carry = vt * v.hidden_size * act * (1 + len(config.adapter.vit_layers))
     saved += v.num_layers * (vit_carry + (vit_layer if policy == "none" else 0))
     working = max(working, 2 * vit_layer)
@@ -215,16 +245,17 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
 
 def model_flops(config: Molmo2Config, work: Workload) -> float:
     """Forward + backward FLOPs of one step (2 per multiply-add, backward = 2x forward), without the forward
-    recomputed under remat: weight matmuls of the LLM, the connector and the ViT, plus both attentions."""
+    recomputed under remat (nor the blockwise backward's recomputed logits): weight matmuls of the LLM, the
+    connector and the ViT, plus both attentions over the (query, key) pairs the path that runs computes."""
     t, v = config.text, config.vision
     shapes = param_shapes(config)
     weights = lambda prefix: sum(math.prod(s) for p, s in shapes.items() if p.startswith(prefix) and p.endswith(
         "kernel"))
     tokens, crops = work.batch * work.seq, work.batch * work.crops
     llm = 2 * (weights("decoder") + t.hidden_size * t.vocab_size) * tokens \
-        + 4 * t.num_layers * work.batch * work.seq**2 * t.num_heads * t.head_dim
+        + 4 * t.num_layers * work.batch * attention_pairs(config, work.seq, work.tokens) * t.num_heads * t.head_dim
     vit = 2 * weights("vision") * crops * v.num_patches \
-        + 4 * v.num_layers * crops * v.num_patches**2 * v.num_heads * v.head_dim
+        + 4 * v.num_layers * crops * attention_pairs(config, v.num_patches, None) * v.num_heads * v.head_dim
     connector = 2 * weights("connector") * work.batch * work.tokens * (1 + work.pool)
     return 3.0 * (llm + vit + connector)
 
@@ -237,10 +268,19 @@ def plan(config: Molmo2Config, mesh: Mesh, work: Workload) -> dict[str, Any]:
             "model_flops": model_flops(config, work), "devices": mesh.size}
 
 
+def _path(config: Molmo2Config, length: int, visual: int | None) -> str:
+    if not uses_blockwise(config.attention, length):
+        return "dense"
+    bq, bk = tile_size(length, config.attention_block_q), tile_size(length, config.attention_block_kv)
+    return (f"blockwise ({bq} x {bk} tiles, {attention_pairs(config, length, visual) / length**2:.0%} of the "
+            f"[T, S] square)")
+
+
 def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, result: Mapping[str, Any]) -> str:
     """XLA's figures next to the analytic estimate, in GiB per device."""
     c: Compiled = result["compiled"]
     e: Estimate = result["estimate"]
+    v = config.vision
     g = lambda n: f"{n / GiB:8.2f}"
     temps = e.grads + e.saved_activations + e.layer_working_set + e.logits + e.largest_gathered_layer
     lines = [
@@ -248,6 +288,7 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
         f"{config.remat_policy}); mesh {describe_mesh(mesh)}",
         f"  batch {work.batch} x seq {work.seq}; per sequence {work.crops} crops, {work.tokens} visual tokens "
         f"({work.pool} patches each)",
+        f"  attention: decoder {_path(config, work.seq, work.tokens)}; ViT {_path(config, v.num_patches, None)}",
         f"  lower {c.lower_seconds:.1f} s, compile {c.compile_seconds:.1f} s",
         "",
         "per device, GiB        XLA  analytic",
@@ -270,5 +311,5 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
     return "\n".join(lines)
 
 
-__all__ = ["Compiled", "Estimate", "Workload", "abstract_batch", "compile_step", "estimate", "format_report",
-           "model_flops", "plan"]
+__all__ = ["Compiled", "Estimate", "Workload", "abstract_batch", "attention_pairs", "compile_step", "estimate",
+           "format_report", "model_flops", "plan"]

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from molmo2_jax.errors import Molmo2Error
@@ -76,10 +77,26 @@ def check_free_space(path: Path, needed: int, what: str) -> None:
 
 class OrbaxErrorFilter(logging.Filter):
     """Drops the tracebacks Orbax's writer threads log for a failed write (to the `absl` logger): the failure is
-    raised to the caller too, which reports it in one line."""
+    raised to the caller too, which reports it in one line. Creating one also drops, for the rest of the process,
+    the tracebacks of TensorStore writes still in flight when Orbax gives up on a failed write: they call back
+    into Orbax's event loop, closed by then, as unraisable `RuntimeError('Event loop is closed')`s."""
+
+    def __init__(self):
+        super().__init__()
+        if getattr(sys.unraisablehook, "__wrapped__", None) is None:
+            sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _without_closed_loop_callbacks(hook):
+    def quiet(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            hook(unraisable)
+    quiet.__wrapped__ = hook
+    return quiet
 
 
 @contextlib.contextmanager

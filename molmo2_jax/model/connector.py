@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from molmo2_jax.config import Molmo2Config
-from molmo2_jax.model.layers import dense, dot_product_attention
+from molmo2_jax.model.attention import attention
+from molmo2_jax.model.layers import MaskInfo, dense
 
 
 class Connector(nn.Module):
@@ -31,7 +32,10 @@ class Connector(nn.Module):
         q = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="q")(query)
         k = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="k")(window)
         v = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="v")(window)
-        pooled = dot_product_attention(q, k, v, valid[:, None, None, :])
+        # one query per token over its window's valid slots: key segment 1 where valid, 0 (masked) where empty
+        ones, zeros = jnp.ones((valid.shape[0], 1), jnp.int32), jnp.zeros(valid.shape, jnp.int32)
+        mask = MaskInfo(ones, ones, ones.astype(bool), valid.astype(jnp.int32), zeros, zeros.astype(bool))
+        pooled = attention(q, k, v, mask, self.config)
         pooled = dense(a.hidden_size, ("vit_heads", "head_dim", "vit_embed"), use_bias=True, dtype=dtype,
                        param_dtype=pdtype, contract=(-2, -1), name="o")(pooled)[:, 0]
 

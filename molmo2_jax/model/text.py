@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from molmo2_jax.config import Molmo2Config
-from molmo2_jax.model.layers import MaskInfo, RMSNorm, apply_rope, dense, dot_product_attention, stack_layers
+from molmo2_jax.model.attention import attention
+from molmo2_jax.model.layers import MaskInfo, RMSNorm, apply_rope, dense, stack_layers
 
 
 class RopeTables(NamedTuple):
@@ -55,7 +56,7 @@ class DecoderLayer(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             kv = (k, v)
-        attn = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask.allowed())
+        attn = attention(q, k.astype(dtype), v.astype(dtype), mask, self.config)
         h = dense(t.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, dtype=dtype, param_dtype=pdtype,
                   contract=(-2, -1), name="o")(attn)
         x = x + (norm("attn_norm")(h) if t.norm_after else h)

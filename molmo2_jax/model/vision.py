@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from molmo2_jax.config import Molmo2Config
-from molmo2_jax.model.layers import LayerNorm, dense, dot_product_attention, stack_layers
+from molmo2_jax.model.attention import attention
+from molmo2_jax.model.layers import LayerNorm, dense, stack_layers
 
 
 def sincos_2d_init(key, shape, dtype=jnp.float32):
@@ -41,7 +42,7 @@ class VisionBlock(nn.Module):
         qkv_axes = ("vit_embed", "vit_heads", "head_dim")
         q, k, vv = (dense((v.num_heads, v.head_dim), qkv_axes, use_bias=True, dtype=dtype, param_dtype=pdtype,
                           name=n)(h) for n in ("q", "k", "v"))
-        attn = dot_product_attention(q, k, vv, None)
+        attn = attention(q, k, vv, None, self.config)
         x = x + dense(v.hidden_size, ("vit_heads", "head_dim", "vit_embed"), use_bias=True, dtype=dtype,
                       param_dtype=pdtype, contract=(-2, -1), name="o")(attn)
         h = LayerNorm(eps=v.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="ln2")(x)

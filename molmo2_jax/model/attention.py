@@ -1,0 +1,186 @@
+"""Blockwise attention (flash-attention-2 style) with the Molmo2 mask built per tile from per-token vectors.
+
+The forward pass runs an online softmax over KV tiles for each query tile and keeps only the output and the
+log-sum-exp; the backward pass (a `jax.custom_vjp`) recomputes each tile's probabilities from them. No `[T, S]`
+array exists: each tile's mask comes from the `MaskInfo` vectors sliced to the tile, and each query tile loops
+only over the range of key tiles that may hold an allowed pair (from per-tile summaries of the vectors), so causal
+attention does about half the work and a decode step skips the empty end of the cache.
+Grouped-query heads share their K/V tile: the group is folded into the query rows, K/V are never repeated.
+
+`attention` picks this path or the dense reference (`layers.dot_product_attention`) by the config.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from molmo2_jax.config import Molmo2Config
+from molmo2_jax.model.layers import MaskInfo, dot_product_attention
+
+# Key length from which `attention="auto"` runs blockwise. Measured on XLA:CPU (bench/bench_attention.py): at 512
+# tokens dense forward+backward is faster (blockwise 0.75-0.9x), from 1024 on blockwise wins (forward+backward
+# 1.0-2.7x at 1024, 3.7-4.8x at 2048, 10x at 8192). The ViT's 729 keys stay dense: about even in time, and the
+# dense forward holds less memory there.
+BLOCKWISE_MIN_KEYS = 1024
+
+
+def uses_blockwise(impl: str, num_keys: int) -> bool:
+    """Whether attention over `num_keys` keys runs blockwise under the config choice `impl`."""
+    return impl == "blockwise" or (impl == "auto" and num_keys >= BLOCKWISE_MIN_KEYS)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, config: Molmo2Config) -> jax.Array:
+    """q `[B, T, H, D]`, k/v `[B, S, KV, D]`, mask vectors or None (every key allowed) -> `[B, T, H, D]`, by the
+    path `config.attention` chooses for S keys."""
+    if uses_blockwise(config.attention, k.shape[1]):
+        return blockwise_attention(q, k, v, mask, block_q=config.attention_block_q,
+                                   block_kv=config.attention_block_kv)
+    return dot_product_attention(q, k, v, None if mask is None else mask.allowed())
+
+
+def tile_size(length: int, block: int) -> int:
+    """The tile for `length` rows given the largest tile `block` (a multiple of 8): as many tiles as `block`
+    needs, evenly sized and rounded up to 8 rows, so little is padded (729 ViT patches with block 512: two tiles
+    of 368, not 512). A length below one tile is one tile (a decode step's single query is not padded)."""
+    even = -(-length // -(-length // block))
+    return min(length, -(-even // 8) * 8)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, *, block_q: int,
+                        block_kv: int) -> jax.Array:
+    """Same result as `dot_product_attention(q, k, v, mask.allowed())` (zeros for rows with no allowed key)."""
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    if mask is None:  # every real key allowed: one segment, no order
+        ones, zeros = jnp.ones((1, t), jnp.int32), jnp.zeros((1, t), jnp.int32)
+        k_ones, k_zeros = jnp.ones((1, s), jnp.int32), jnp.zeros((1, s), jnp.int32)
+        mask = MaskInfo(ones, zeros, zeros.astype(bool), k_ones, k_zeros, k_zeros.astype(bool))
+    bq, bk = tile_size(t, block_q), tile_size(s, block_kv)
+    nq, nk = -(-t // bq), -(-s // bk)
+
+    def tiles(x, n, tile, fill):  # [B', L, ...] -> [n, B', tile, ...], padded with `fill`
+        x = jnp.pad(x, [(0, 0), (0, n * tile - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(x.shape[0], n, tile, *x.shape[2:]), 1, 0)
+
+    # Padded queries get segment -1 and padded keys segment 0: neither is allowed anything.
+    q_vecs = (tiles(mask.q_seg, nq, bq, -1), tiles(mask.q_idx, nq, bq, 0), tiles(mask.q_mm, nq, bq, False))
+    k_vecs = (tiles(mask.k_seg, nk, bk, 0), tiles(mask.k_idx, nk, bk, 0), tiles(mask.k_mm, nk, bk, False))
+    # q [B, T, H, D] -> [nq, B, KV, group * bq, D]: row g * bq + i of a tile is query i under head g of the group
+    qt = tiles(q.reshape(b, t, kv, h // kv, d), nq, bq, 0)  # [nq, B, bq, KV, G, D]
+    qt = qt.transpose(0, 1, 3, 4, 2, 5).reshape(nq, b, kv, h // kv * bq, d)
+    kt, vt = (tiles(x, nk, bk, 0).transpose(0, 1, 3, 2, 4) for x in (k, v))  # [nk, B, KV, bk, D]
+    out = _flash(qt, kt, vt, q_vecs, k_vecs, _tile_ranges(q_vecs, k_vecs))
+    out = out.reshape(nq, b, kv, h // kv, bq, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, h, d)
+    return out[:, :t]
+
+
+def _tile_mask(q_vecs, k_vecs, group: int) -> jax.Array:
+    """Allowed `[B', 1, group * bq, bk]` for one tile pair, rows ordered like the folded query rows."""
+    allowed = MaskInfo(*q_vecs, *k_vecs).allowed()  # [B', 1, bq, bk]
+    return jnp.tile(allowed, (1, 1, group, 1))
+
+
+def _logits(q, k):
+    return jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+
+
+def _tile_ranges(q_vecs, k_vecs) -> tuple[jax.Array, ...]:
+    """Per query tile the key tiles `[lo, hi)` that may hold an allowed pair, and per key tile the query tiles.
+
+    Judged from per-tile summaries of the vectors (segment range, lowest key slot, highest query slot, any visual
+    token), so a range is a superset: a tile inside it with nothing allowed is computed and fully masked."""
+    top = jnp.iinfo(jnp.int32).max
+
+    def summary(seg, idx, mm):  # [n, B', tile] -> [n, B'] each, over the tile's real tokens
+        real = seg > 0
+        return (jnp.where(real, seg, top).min(-1), jnp.where(real, seg, -1).max(-1),
+                jnp.where(real, idx, top).min(-1), jnp.where(real, idx, -1).max(-1), (real & mm).any(-1))
+
+    q_seg_lo, q_seg_hi, _, q_idx_hi, q_mm = (x[:, None] for x in summary(*q_vecs))
+    k_seg_lo, k_seg_hi, k_idx_lo, _, k_mm = (x[None] for x in summary(*k_vecs))
+    possible = ((q_seg_lo <= k_seg_hi) & (k_seg_lo <= q_seg_hi) & ((k_idx_lo <= q_idx_hi) | (q_mm & k_mm))).any(-1)
+
+    def bounds(table):  # [n, m] -> first and one-past-last true column of each row (0, 0 when none)
+        m, any_ = table.shape[1], table.any(1)
+        return (jnp.where(any_, jnp.argmax(table, 1), 0).astype(jnp.int32),
+                jnp.where(any_, m - jnp.argmax(table[:, ::-1], 1), 0).astype(jnp.int32))
+
+    return (*bounds(possible), *bounds(possible.T))
+
+
+@jax.custom_vjp
+def _flash(q, k, v, q_vecs, k_vecs, ranges):
+    return _flash_forward(q, k, v, q_vecs, k_vecs, ranges)[0]
+
+
+def _flash_forward(q, k, v, q_vecs, k_vecs, ranges):
+    """q `[nq, B, KV, Q, D]` (Q = group * bq), k/v `[nk, B, KV, bk, D]` -> out like q, lse `[nq, B, KV, Q]`.
+    Each query tile loops over its range of key tiles only."""
+    group = q.shape[3] // q_vecs[0].shape[2]
+    k_lo, k_hi = ranges[:2]
+
+    def query_tile(args):
+        q_t, qv, lo, hi = args
+
+        def key_tile(j, carry):
+            m, l, acc = carry
+            k_t, v_t = k[j], v[j]
+            allowed = _tile_mask(qv, tuple(x[j] for x in k_vecs), group)
+            s = jnp.where(allowed, _logits(q_t, k_t), -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
+            p = jnp.exp(s - m_safe[..., None])
+            correction = jnp.exp(m - m_safe)
+            acc = acc * correction[..., None] + jnp.einsum("bkqs,bksd->bkqd", p.astype(v_t.dtype), v_t,
+                                                           preferred_element_type=jnp.float32)
+            return m_new, l * correction + p.sum(-1), acc
+
+        rows = q_t.shape[:-1]
+        init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
+                jnp.zeros(q_t.shape, jnp.float32))
+        m, l, acc = jax.lax.fori_loop(lo, hi, key_tile, init)
+        out = (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q_t.dtype)
+        return out, jnp.where(l > 0, m + jnp.log(l), jnp.inf)  # lse = inf: a row with nothing allowed
+
+    return jax.lax.map(query_tile, (q, q_vecs, k_lo, k_hi))
+
+
+def _flash_fwd(q, k, v, q_vecs, k_vecs, ranges):
+    out, lse = _flash_forward(q, k, v, q_vecs, k_vecs, ranges)
+    return out, (q, k, v, q_vecs, k_vecs, ranges, out, lse)
+
+
+def _flash_bwd(res, d_out):
+    """Flash-attention-2 backward: for each KV tile, loop over its range of query tiles, recompute the
+    probabilities from the saved log-sum-exp, accumulate dK and dV for the tile and add each query tile's dQ into
+    the carried total."""
+    q, k, v, q_vecs, k_vecs, ranges, out, lse = res
+    group = q.shape[3] // q_vecs[0].shape[2]
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # rowsum(dO * O) [nq, B, KV, Q]
+    scale = q.shape[-1] ** -0.5
+
+    def key_tile(dq, kargs):
+        k_t, v_t, kv_, lo, hi = kargs
+
+        def query_tile(i, carry):
+            dq, dk, dv = carry
+            q_t, do_t = q[i], d_out[i]
+            allowed = _tile_mask(tuple(x[i] for x in q_vecs), kv_, group)
+            p = jnp.where(allowed, jnp.exp(_logits(q_t, k_t) - lse[i][..., None]), 0.0)
+            dv = dv + jnp.einsum("bkqs,bkqd->bksd", p.astype(do_t.dtype), do_t, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkqd,bksd->bkqs", do_t, v_t, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta[i][..., None]) * scale).astype(q_t.dtype)
+            dk = dk + jnp.einsum("bkqs,bkqd->bksd", ds, q_t, preferred_element_type=jnp.float32)
+            dq = dq.at[i].add(jnp.einsum("bkqs,bksd->bkqd", ds, k_t, preferred_element_type=jnp.float32))
+            return dq, dk, dv
+
+        zeros = jnp.zeros(k_t.shape, jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(lo, hi, query_tile, (dq, zeros, zeros))
+        return dq, (dk.astype(k_t.dtype), dv.astype(v_t.dtype))
+
+    dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros(q.shape, jnp.float32), (k, v, k_vecs, *ranges[2:]))
+    return dq.astype(q.dtype), dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
