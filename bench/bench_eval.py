@@ -27,26 +27,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    import torch
-    from ref_model import random_image, tiny_config
-    from ref_tokenizer import CONFIG_TOKEN_IDS, make_tokenizer_dir
+    from ref_model import random_image, tokenizer_checkpoint
     from test_cli_eval import transformers_answers
-    from test_generation import enliven
-    from transformers import Molmo2ForConditionalGeneration
 
     from molmo2_jax.cli import main as cli
 
     work = Path(tempfile.mkdtemp())
-    ids = CONFIG_TOKEN_IDS["qwen3"]
-    config = tiny_config("qwen3", vocab_size=ids["vocab_size"], additional_vocab_size=ids["additional_vocab_size"])
-    for key, value in ids.items():
-        if key not in ("vocab_size", "additional_vocab_size"):
-            setattr(config, key, value)
-    torch.manual_seed(0)
-    model = Molmo2ForConditionalGeneration(config).eval()
-    enliven(model)
-    model.save_pretrained(work / "ckpt")
-    make_tokenizer_dir(work / "ckpt", "qwen3")
+    model = tokenizer_checkpoint(work / "ckpt")
 
     mask = np.zeros((240, 320), dtype=bool).tolist()
     rows = [{"points": [{"x": 50.0, "y": 50.0}], "masks": [mask], "label": "thing", "image": f"{n}.png"}

@@ -53,6 +53,44 @@ def make_reference(path: Path, family: str = "qwen3", seed: int = 0) -> Molmo2Fo
     return model
 
 
+def enliven(model) -> None:
+    """Re-initialise a tiny reference model so its greedy output depends on its input: the default 0.02 init
+    makes almost every prompt decode to one repeated token. Decoder and connector matrices get 2/sqrt(fan_in)
+    scale, embeddings unit scale."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "vision" not in name:
+                std = 1.0 if "embed" in name else 2.0 * p.shape[1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def lively_reference(path: Path, family: str):
+    """An `enliven`ed tiny reference model, saved (released layout) at `path`."""
+    model = make_reference(path, family)
+    enliven(model)
+    model.save_pretrained(path)
+    return model
+
+
+def tokenizer_checkpoint(path: Path) -> Molmo2ForConditionalGeneration:
+    """An `enliven`ed tiny Qwen3-style reference model whose token ids match the test tokenizer, saved at `path`
+    with that tokenizer and the released processor files (a directory both processors and `load` read)."""
+    from ref_tokenizer import CONFIG_TOKEN_IDS, make_tokenizer_dir
+
+    ids = CONFIG_TOKEN_IDS["qwen3"]
+    config = tiny_config("qwen3", vocab_size=ids["vocab_size"], additional_vocab_size=ids["additional_vocab_size"])
+    for key, value in ids.items():
+        if key not in ("vocab_size", "additional_vocab_size"):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    model = Molmo2ForConditionalGeneration(config).eval()
+    enliven(model)
+    model.save_pretrained(path)
+    make_tokenizer_dir(path, "qwen3")
+    return model
+
+
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

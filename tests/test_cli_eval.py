@@ -7,10 +7,7 @@ import eval_fixtures as F
 import numpy as np
 import pytest
 import torch
-from ref_model import random_image, tiny_config
-from ref_tokenizer import CONFIG_TOKEN_IDS, make_tokenizer_dir
-from test_generation import enliven
-from transformers import Molmo2ForConditionalGeneration
+from ref_model import random_image, tokenizer_checkpoint
 
 from molmo2_jax.cli import main
 from molmo2_jax.commands import eval as eval_command
@@ -21,17 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval_ckpt")
-    ids = CONFIG_TOKEN_IDS["qwen3"]
-    config = tiny_config("qwen3", vocab_size=ids["vocab_size"], additional_vocab_size=ids["additional_vocab_size"])
-    for key, value in ids.items():
-        if key not in ("vocab_size", "additional_vocab_size"):
-            setattr(config, key, value)
-    torch.manual_seed(0)
-    model = Molmo2ForConditionalGeneration(config).eval()
-    enliven(model)
-    model.save_pretrained(path)
-    make_tokenizer_dir(path, "qwen3")
-    return path, model
+    return path, tokenizer_checkpoint(path)
 
 
 def _write_video(path, seed):

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from ref_model import random_image, tiny_config
-from ref_tokenizer import CONFIG_TOKEN_IDS, make_reference_processor, make_tokenizer_dir
-from test_generation import enliven
-from transformers import Molmo2ForConditionalGeneration
+from ref_model import random_image, tokenizer_checkpoint
+from ref_tokenizer import make_reference_processor
 
 from molmo2_jax.cli import main
 from molmo2_jax.commands.generate import report
@@ -25,17 +23,7 @@ NEW_TOKENS = 8
 def checkpoint(tmp_path_factory):
     """A tiny Qwen3-style checkpoint whose token ids match the test tokenizer, with its processor files."""
     path = tmp_path_factory.mktemp("cli_ckpt")
-    ids = CONFIG_TOKEN_IDS["qwen3"]
-    config = tiny_config("qwen3", vocab_size=ids["vocab_size"], additional_vocab_size=ids["additional_vocab_size"])
-    for key, value in ids.items():
-        if key not in ("vocab_size", "additional_vocab_size"):
-            setattr(config, key, value)
-    torch.manual_seed(0)
-    model = Molmo2ForConditionalGeneration(config).eval()
-    enliven(model)
-    model.save_pretrained(path)
-    make_tokenizer_dir(path, "qwen3")
-    return path, model
+    return path, tokenizer_checkpoint(path)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """Jitted generation against the transformers reference `generate` (greedy, float32), stopping on EOS, sampling
 options, shape buckets and bad input, on tiny random models of both families."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from ref_model import collated, image_inputs, make_reference, padded_batch, random_image, text_ids, video_inputs
+from ref_model import collated, image_inputs, lively_reference, padded_batch, random_image, text_ids, video_inputs
 
 import molmo2_jax
 from molmo2_jax import generation
@@ -14,26 +13,6 @@ from molmo2_jax.api import InputError
 
 NEW_TOKENS = 12
 UNUSED_EOS = 299  # a base-vocabulary id the models are not seen to emit within NEW_TOKENS
-
-
-def enliven(model) -> None:
-    """Re-initialise a tiny reference model so its greedy output depends on its input: the default 0.02 init
-    makes almost every prompt decode to one repeated token. Decoder and connector matrices get 2/sqrt(fan_in)
-    scale, embeddings unit scale."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "vision" not in name:
-                std = 1.0 if "embed" in name else 2.0 * p.shape[1] ** -0.5
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def lively_reference(path: Path, family: str):
-    """An `enliven`ed tiny reference model, saved (released layout) at `path`."""
-    model = make_reference(path, family)
-    enliven(model)
-    model.save_pretrained(path)
-    return model
 
 
 @pytest.fixture(scope="module", params=["qwen3", "olmo3"])
