@@ -94,7 +94,7 @@ def compile_step(config: Molmo2Config, mesh: Mesh, work: Workload,
     state = ts.abstract_state()
     with ts.context():
         start = time.perf_counter()
-        lowered = ts.jit_step(spec).lower(state, spec)
+        lowered = ts.jit_step(spec).lower(state, spec, ts.abstract_base())
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
         done = time.perf_counter()

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from molmo2_jax.config import ConfigError, Molmo2Config, apply_overrides, from_dict, load_preset, to_dict
+from molmo2_jax.lora import LoraConfig
 
 TRAIN_CONFIGS_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "train"
 
@@ -105,6 +106,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
+    lora: LoraConfig = LoraConfig()  # rank > 0: train low-rank adapters only (molmo2_jax/lora.py)
 
     def validate(self) -> "TrainConfig":
         if self.steps < 1:
@@ -123,6 +125,7 @@ class TrainConfig:
         for name, group in self.optimizer.groups.items():
             if group.lr < 0 or group.warmup_steps < 0:
                 raise TrainConfigError(f"optimizer.{name}: lr and warmup_steps must be >= 0")
+        self.lora.validate()
         return self
 
 
