@@ -2,8 +2,6 @@
 alone), a PEFT adapter made in PyTorch gives PyTorch's logits here, the base stays bit-identical and out of the
 optimizer state, kill-and-resume is exact, and bad targets / ranks / adapter directories fail in one line."""
 
-import tempfile
-
 import jax
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from ref_model import MM_IDS, VOCAB, image_inputs, random_image, reference_logits, text_ids
+from test_cli_generate import checkpoint, media  # noqa: F401 (fixtures)
 from transformers import Molmo2ForConditionalGeneration
 
 import molmo2_jax
@@ -175,3 +174,29 @@ def test_adapter_for_another_base_names_the_shapes(reference, tmp_path):
     message = str(e.value)
     assert "model.language_model.layers.0.mlp.gate_proj: lora_A [2, 64] / lora_B [80, 2]" in message
     assert "[96, 2]" in message and "\n" not in message
+
+
+def test_generate_with_adapter_matches_peft(checkpoint, media, capsys, tmp_path):
+    """`molmo2-jax generate --adapter DIR` answers as transformers + peft do (greedy), not as the base does."""
+    from PIL import Image
+    from test_cli_generate import NEW_TOKENS, reference_answer, run_cli
+
+    path, _ = checkpoint
+    torch.manual_seed(2)
+    peft_model = get_peft_model(Molmo2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32),
+                                PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    prompt, image = "Point to the dogs.", media / "a.png"
+    answer = lambda model: reference_answer(path, model, prompt, [Image.open(image).convert("RGB")])
+    expected = answer(peft_model)
+    with peft_model.disable_adapter():
+        assert answer(peft_model) != expected
+    for merge in ([], ["--merge-adapter"]):
+        code, out, err = run_cli(capsys, "--checkpoint", path, "--image", image, "--prompt", prompt,
+                                 "--max-new-tokens", NEW_TOKENS, "--adapter", tmp_path / "adapter", *merge)
+        assert code == 0, err
+        assert out[:-1] == expected and expected
