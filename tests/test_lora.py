@@ -15,7 +15,7 @@ from transformers import Molmo2ForConditionalGeneration
 import molmo2_jax
 from molmo2_jax import lora
 from molmo2_jax.checkpoint.hf import CheckpointError
-from molmo2_jax.checkpoint.peft import export_adapter, export_merged
+from molmo2_jax.checkpoint.peft import export_merged, export_run_adapter
 from molmo2_jax.params import flatten
 from molmo2_jax.training.checkpointing import Checkpointer
 from molmo2_jax.training.config import TrainConfigError
@@ -68,8 +68,11 @@ def test_trained_adapter_loads_in_peft_and_merged_in_transformers(reference, tmp
     for path, value in flatten(base.params).items():  # the frozen base is bit-identical after training
         assert np.asarray(flatten(ts.base)[path]).tobytes() == np.asarray(value).tobytes(), path
 
+    checkpointer = Checkpointer(tmp_path / "run", ts.train_config.checkpoint)
+    checkpointer.save(3, state, base.config, ts.train_config)
+    checkpointer.wait()
     adapter_dir = tmp_path / "adapter"
-    export_adapter(state["params"], base.config, ts.lora, adapter_dir, base_model=str(src))
+    export_run_adapter(tmp_path / "run", adapter_dir)
     theirs = PeftModel.from_pretrained(Molmo2ForConditionalGeneration.from_pretrained(src, dtype=torch.float32),
                                        adapter_dir).eval()
     ours = molmo2_jax.Molmo2Model(base.config, lora.combine(base.params, state["params"]), lora=ts.lora)

@@ -157,3 +157,25 @@ def export_merged(base: str | Path, adapter: str | Path, dst: str | Path, *, dty
         (Path(tmp) / "jax").mkdir()
         converted.save(Path(tmp) / "jax", model.config, model.params)
         return export_to_hf(Path(tmp) / "jax", dst, dtype=dtype, overwrite=overwrite, side_files_from=base, log=log)
+
+
+def export_run_adapter(src: str | Path, dst: str | Path, step: int | None = None) -> list[str]:
+    """The adapters of a LoRA training run (its latest or given step) as a PEFT adapter directory."""
+    import jax
+
+    from molmo2_jax.config import from_dict
+    from molmo2_jax.sharding import make_mesh
+    from molmo2_jax.training.checkpointing import find_step_dir, read_step_config, restore_step_params
+    from molmo2_jax.training.config import TrainConfig
+    from molmo2_jax.training.step import make_train_step
+
+    where = find_step_dir(Path(src), step)
+    if where is None:
+        raise CheckpointError(f"{src}: not a training run or step directory")
+    model_config = read_step_config(where)
+    train = from_dict(TrainConfig, json.loads((where / "config" / "metadata").read_text())["train"])
+    if not train.lora.enabled:
+        raise CheckpointError(f"{where}: not a LoRA run (its lora.rank is 0); export it with convert/jax_to_hf.py")
+    ts = make_train_step(model_config, train, make_mesh({"fsdp": 1}, jax.devices()[:1]))
+    adapters = restore_step_params(where, ts.abstract_state()["params"])
+    return export_adapter(adapters, model_config, train.lora, dst, base_model=train.init.checkpoint or "")
