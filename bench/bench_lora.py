@@ -1,5 +1,5 @@
 """Train-step time and peak RSS of LoRA against full fine-tuning on this machine, for an ~80M-parameter model
-(the tiny preset widened: LLM 8 x 512, vocabulary 32k; ViT 4 x 256), each mode in its own process.
+(the tiny preset widened: LLM 8 x 512, vocabulary 48k; ViT 4 x 256), each mode in its own process.
 
     python bench/bench_lora.py [--steps 6] [--rank 16]
 
@@ -16,7 +16,7 @@ import sys
 import time
 
 CHANGES = {"text": {"hidden_size": 512, "intermediate_size": 1536, "num_layers": 8, "num_heads": 8,
-                    "num_kv_heads": 4, "head_dim": 64, "vocab_size": 32000},
+                    "num_kv_heads": 4, "head_dim": 64, "vocab_size": 48000},
            "vision": {"hidden_size": 256, "intermediate_size": 1024, "num_layers": 4, "num_heads": 4, "head_dim": 64},
            "adapter": {"vit_layers": [3, 1], "hidden_size": 256, "num_heads": 4, "head_dim": 64,
                        "intermediate_size": 1024, "text_hidden_size": 512}}
