@@ -40,7 +40,7 @@ def lora_train_config(run_dir, **lora_changes):
     from test_training import train_config
 
     changes = {"lora.rank": 4, "lora.alpha": 8.0, "lora.lr": 3e-2, "lora.warmup_steps": 0, **{
-        f"lora.{k}": v for k, v in lora_changes.items()}}
+        k if k == "grad_accum" else f"lora.{k}": v for k, v in lora_changes.items()}}
     return train_config(run_dir, **changes)
 
 
@@ -203,3 +203,24 @@ def test_generate_with_adapter_matches_peft(checkpoint, media, capsys, tmp_path)
                                  "--max-new-tokens", NEW_TOKENS, "--adapter", tmp_path / "adapter", *merge)
         assert code == 0, err
         assert out[:-1] == expected and expected
+
+
+def test_gradient_accumulation_with_remat_equals_one_large_batch(tmp_path):
+    """LoRA on the ViT, connector and LLM, layers rematerialised: 4 micro-batches of 1 = one batch of 4."""
+    from test_training import MODEL, collate, example
+
+    examples = [example(10 + i, i % 2 == 0) for i in range(4)]
+    model = MODEL.replace(remat_policy="full")
+    results = {}
+    for accum, batch in ((4, stack_micro_batches([collate([e]) for e in examples])),
+                         (1, stack_micro_batches([collate(examples)]))):
+        ts = make_train_step(model, lora_train_config(tmp_path, targets=".*/kernel", grad_accum=accum))
+        ts.set_base(0)
+        state, metrics = ts.step(ts.init_state(0), batch)
+        results[accum] = jax.device_get(flatten(state["params"])), jax.device_get(metrics)
+    (params4, m4), (params1, m1) = results[4], results[1]
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    assert any(p.startswith("vision/") and not np.all(v == 0) for p, v in params1.items() if p.endswith("lora_b"))
+    for path in params1:  # Adam's first step moves each element by ~lr (3e-2); see test_training
+        np.testing.assert_allclose(params4[path], params1[path], rtol=0, atol=3e-4, err_msg=path)
