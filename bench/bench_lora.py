@@ -48,7 +48,8 @@ def measure(mode: str, steps: int, rank: int) -> dict:
         times.append(time.perf_counter() - start)
     return {"mode": mode, "params": count_params(ts.base or state["params"]),
             "trained": count_params(state["params"]), "first_step_s": times[0],
-            "step_s": float(np.median(times[1:])), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "step_s": float(np.median(times[1:])),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def main() -> None:

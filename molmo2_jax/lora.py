@@ -52,7 +52,7 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
-    def validate(self) -> "LoraConfig":
+    def validate(self) -> LoraConfig:
         if self.rank < 0 or not 0 <= self.dropout < 1 or self.lr < 0 or self.warmup_steps < 0:
             raise ConfigError(f"lora: rank, lr and warmup_steps must be >= 0 and dropout in [0, 1); got rank "
                               f"{self.rank}, dropout {self.dropout}, lr {self.lr}, warmup_steps {self.warmup_steps}")

@@ -90,7 +90,7 @@ def test_trained_adapter_loads_in_peft_and_merged_in_transformers(reference, tmp
 
 def test_peft_adapter_made_in_pytorch_gives_pytorchs_logits(reference, tmp_path):
     """LLM, ViT and connector layers, random non-zero B, rsLoRA scaling."""
-    family, _, src = reference
+    _, _, src = reference
     torch.manual_seed(1)
     model = Molmo2ForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
     peft_config = PeftLoraConfig(r=3, lora_alpha=5.0, use_rslora=True, target_modules=[
@@ -179,7 +179,7 @@ def test_adapter_for_another_base_names_the_shapes(reference, tmp_path):
     assert "[96, 2]" in message and "\n" not in message
 
 
-def test_generate_with_adapter_matches_peft(checkpoint, media, capsys, tmp_path):
+def test_generate_with_adapter_matches_peft(checkpoint, media, capsys, tmp_path):  # noqa: F811 (fixtures)
     """`molmo2-jax generate --adapter DIR` answers as transformers + peft do (greedy), not as the base does."""
     from PIL import Image
     from test_cli_generate import NEW_TOKENS, reference_answer, run_cli

@@ -119,7 +119,9 @@ class TrainStep:
             seed_or_params = init_params(self.model_config, int(seed_or_params), self.mesh)
         abstract = self.abstract_base()
         _check_shapes(abstract, seed_or_params)
-        self.base = jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.asarray(x, s.dtype), s.sharding),
+        # a jax array keeps its sharding while cast; a host array is cast on the host, then placed in shards
+        cast = lambda x, s: x.astype(s.dtype) if isinstance(x, jax.Array) else np.asarray(x, s.dtype)
+        self.base = jax.tree_util.tree_map(lambda x, s: jax.device_put(cast(x, s), s.sharding),
                                            dict(seed_or_params), abstract)
 
     def init_state(self, seed_or_params: int | Mapping[str, Any]) -> dict[str, Any]:
