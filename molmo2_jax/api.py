@@ -2,32 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from molmo2_jax.batch import IGNORED_KEYS, INPUT_KEYS, TOKEN_KEYS, InputError, patch_streams
 from molmo2_jax.checkpoint import converted, hf
+from molmo2_jax.checkpoint.peft import read_adapter
 from molmo2_jax.config import Molmo2Config
+from molmo2_jax.lora import LoraConfig, abstract_adapters, applied, combine, merge
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import flatten, param_shapes, placer, unflatten
-from molmo2_jax.sharding import activate, check_config, param_shardings
+from molmo2_jax.sharding import activate, check_config, logical_to_spec, param_shardings
 
 
 class Molmo2Model:
-    """A config, its params and jitted entry points. Call it with a processor output dict to get logits."""
+    """A config, its params and jitted entry points. Call it with a processor output dict to get logits.
+    With `lora`, the params hold LoRA adapters beside their kernels (`molmo2_jax.lora`)."""
 
-    def __init__(self, config: Molmo2Config, params: dict[str, Any], mesh: Mesh | None = None):
+    def __init__(self, config: Molmo2Config, params: dict[str, Any], mesh: Mesh | None = None,
+                 lora: LoraConfig | None = None):
         self.config = config
         self.params = params
         self.mesh = mesh
+        self.lora = lora
         self.module = Molmo2(config)
+
+    @contextlib.contextmanager
+    def context(self):
+        """Trace the model inside this: the mesh and rules table, and the adapters when there are any."""
+        with activate(self.mesh), (applied(self.lora) if self.lora else contextlib.nullcontext()):
+            yield
 
     @functools.cached_property
     def _forward(self):
@@ -71,7 +84,7 @@ class Molmo2Model:
     def __call__(self, inputs: Mapping[str, Any]) -> jax.Array:
         """Logits `[batch, seq, vocab]` (fp32) for a processor output dict."""
         prepared = self.prepare(inputs)
-        with activate(self.mesh):
+        with self.context():
             return self._forward(self.params, prepared)
 
     def generate(self, inputs: Mapping[str, Any], **kwargs):
@@ -82,13 +95,17 @@ class Molmo2Model:
 
     def apply(self, *args, method=None, **kwargs):
         """`module.apply` with our params (for ViT features, pooled tokens, ...)."""
-        return self.module.apply({"params": self.params}, *args, method=method, **kwargs)
+        with self.context():
+            return self.module.apply({"params": self.params}, *args, method=method, **kwargs)
 
 
-def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, **config_changes) -> Molmo2Model:
+def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, adapter: str | Path | None = None,
+         merge_adapter: bool = False, **config_changes) -> Molmo2Model:
     """Load a Molmo2 checkpoint: a Hugging Face directory (released or transformers-native tensor names), a
     directory written by `molmo2-jax convert`, or a training run (its latest step) or step directory.
-    `dtype` sets params and compute dtype; with a `mesh` every param is placed straight into its sharding."""
+    `dtype` sets params and compute dtype; with a `mesh` every param is placed straight into its sharding.
+    `adapter`: a PEFT LoRA adapter directory for this base (read before the base), kept beside the base
+    kernels or, with `merge_adapter`, added into them."""
     from molmo2_jax.training.checkpointing import find_step_dir, read_step_config, restore_step_params
 
     path = Path(path)
@@ -109,12 +126,30 @@ def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, **c
     config = config.replace(dtype=dtype, param_dtype=dtype, **config_changes)
     if mesh is not None:
         check_config(config, mesh)  # a mesh that does not fit fails here, before anything is read
+    lora_config, adapters = read_adapter(adapter, config) if adapter is not None else (None, None)
     if restore is None:
-        flat = hf.import_params(path, config, param_shapes(config), dtype=dtype, place=placer(config, mesh))
-        return Molmo2Model(config, unflatten(flat), mesh)
-    shapes = unflatten({p: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for p, s in param_shapes(config).items()})
-    shardings = None if mesh is None else param_shardings(config, mesh)
-    return Molmo2Model(config, restore(path, converted.abstract_like(shapes, jnp.dtype(dtype), shardings)), mesh)
+        params = unflatten(hf.import_params(path, config, param_shapes(config), dtype=dtype,
+                                            place=placer(config, mesh)))
+    else:
+        shapes = unflatten({p: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for p, s in param_shapes(config).items()})
+        shardings = None if mesh is None else param_shardings(config, mesh)
+        params = restore(path, converted.abstract_like(shapes, jnp.dtype(dtype), shardings))
+    if adapters is None:
+        return Molmo2Model(config, params, mesh)
+    if merge_adapter:
+        return Molmo2Model(config, merge(params, adapters, lora_config), mesh)
+    # adapters stay fp32 (as PEFT keeps them); placed like their base kernels' inputs/outputs by the rules
+    return Molmo2Model(config, combine(params, _place_adapters(adapters, config, lora_config, mesh)), mesh,
+                       lora_config)
+
+
+def _place_adapters(adapters: dict[str, Any], config: Molmo2Config, lora_config: LoraConfig,
+                    mesh: Mesh | None) -> dict[str, Any]:
+    if mesh is None:
+        return jax.device_put(adapters)
+    boxes = abstract_adapters(config, lora_config)
+    return jax.tree_util.tree_map(lambda x, box: jax.device_put(x, NamedSharding(mesh, logical_to_spec(box.names))),
+                                  adapters, boxes, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 __all__ = ["InputError", "Molmo2Model", "flatten", "load"]

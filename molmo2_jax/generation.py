@@ -24,7 +24,7 @@ import numpy as np
 
 from molmo2_jax.api import INPUT_KEYS, InputError, Molmo2Model
 from molmo2_jax.model.molmo2 import init_cache
-from molmo2_jax.sharding import activate, cache_shardings
+from molmo2_jax.sharding import cache_shardings
 
 PROMPT_BUCKET = 64
 CACHE_BUCKET = 128
@@ -238,7 +238,7 @@ def generate(model: Molmo2Model, inputs: Mapping[str, Any], *, max_new_tokens: i
                "top_k": jnp.int32(top_k), "top_p": jnp.float32(top_p), "eos": jnp.asarray(eos),
                "pad": jnp.int32(config.tokens.pad), "budget": jnp.int32(budget)}
     programs = _programs(model)
-    with activate(model.mesh):
+    with model.context():
         prefill, compile_prefill = programs.get("prefill", model.params, prepared, options, cache_len=cache_len,
                                                 sample=sample)
         start = time.perf_counter()

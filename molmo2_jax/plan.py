@@ -84,7 +84,8 @@ class Compiled:
 def compile_step(config: Molmo2Config, mesh: Mesh, work: Workload,
                  train: TrainConfig | None = None) -> tuple[Compiled, dict[str, Any]]:
     """Lower and compile the real training step (`molmo2_jax.training.step`) on `mesh` from abstract shapes.
-    Returns XLA's figures and the abstract (sharded) params, optimizer state and batch it was compiled for."""
+    Returns XLA's figures and the abstract (sharded) params, optimizer state, batch and (LoRA) frozen base it
+    was compiled for."""
     check_config(config, mesh)
     _check_workload(config, mesh, work)
     ts = make_train_step(config, train or TrainConfig(), mesh)
@@ -96,7 +97,7 @@ def compile_step(config: Molmo2Config, mesh: Mesh, work: Workload,
     state = ts.abstract_state()
     with ts.context():
         start = time.perf_counter()
-        lowered = ts.jit_step(spec).lower(state, spec)
+        lowered = ts.jit_step(spec).lower(state, spec, ts.abstract_base())
         lowered_at = time.perf_counter()
         compiled = lowered.compile()
         done = time.perf_counter()
@@ -107,7 +108,8 @@ def compile_step(config: Molmo2Config, mesh: Mesh, work: Workload,
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         flops=float(cost.get("flops", 0.0)), lower_seconds=lowered_at - start, compile_seconds=done - lowered_at)
-    return figures, {"params": state["params"], "opt_state": state["opt_state"], "batch": spec}
+    return figures, {"params": state["params"], "opt_state": state["opt_state"], "batch": spec,
+                     "base": ts.abstract_base()}
 
 
 def _check_workload(config: Molmo2Config, mesh: Mesh, work: Workload) -> None:
@@ -225,18 +227,18 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
     working = max(working, 2 * vit_layer)
     logits = 3 * tokens * (t.vocab_size // tensor) * 4
 
-    params = _nbytes(abstract["params"])
+    trained, base = _nbytes(abstract["params"]), abstract.get("base") or {}  # LoRA: adapters + frozen base
     # FSDP gathers a param's fsdp shards before use: one decoder layer's slice of the stacked params, or the
     # whole embedding / lm_head, whichever is larger (with its gradient, reduce-scattered afterwards).
     fsdp = mesh.shape["fsdp"]
     gathered_bytes = lambda leaf: _nbytes([leaf]) * (fsdp if "fsdp" in jax.tree_util.tree_leaves(
         tuple(leaf.sharding.spec)) else 1)
-    flat = flatten(abstract["params"])
+    flat = flatten(base or abstract["params"])
     layer = sum(gathered_bytes(x) // t.num_layers for p, x in flat.items() if p.startswith("decoder/layers/"))
     gathered = max(layer, gathered_bytes(flat["embedding"]), gathered_bytes(flat["lm_head"]))
-    return Estimate(params=params, grads=params, opt_state=_nbytes(abstract["opt_state"]),
+    return Estimate(params=trained + _nbytes(base), grads=trained, opt_state=_nbytes(abstract["opt_state"]),
                     batch=_nbytes(abstract["batch"]), saved_activations=saved, layer_working_set=working,
-                    logits=logits, largest_gathered_layer=2 * gathered if fsdp > 1 else 0)
+                    logits=logits, largest_gathered_layer=(1 if base else 2) * gathered if fsdp > 1 else 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,9 +262,10 @@ def model_flops(config: Molmo2Config, work: Workload) -> float:
     return 3.0 * (llm + vit + connector)
 
 
-def plan(config: Molmo2Config, mesh: Mesh, work: Workload) -> dict[str, Any]:
-    """Compile the step and estimate; everything per device unless named `total`."""
-    figures, abstract = compile_step(config, mesh, work)
+def plan(config: Molmo2Config, mesh: Mesh, work: Workload, train: TrainConfig | None = None) -> dict[str, Any]:
+    """Compile the step (of `train`, e.g. with a `lora` section) and estimate; everything per device unless
+    named `total`."""
+    figures, abstract = compile_step(config, mesh, work, train)
     return {"compiled": figures, "estimate": estimate(config, mesh, work, abstract),
             "num_params": sum(math.prod(s) for s in param_shapes(config).values()),
             "model_flops": model_flops(config, work), "devices": mesh.size}
@@ -276,15 +279,19 @@ def _path(config: Molmo2Config, length: int, visual: int | None) -> str:
             f"[T, S] square)")
 
 
-def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, result: Mapping[str, Any]) -> str:
+def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, result: Mapping[str, Any],
+                  train: TrainConfig | None = None) -> str:
     """XLA's figures next to the analytic estimate, in GiB per device."""
     c: Compiled = result["compiled"]
     e: Estimate = result["estimate"]
     v = config.vision
     g = lambda n: f"{n / GiB:8.2f}"
     temps = e.grads + e.saved_activations + e.layer_working_set + e.logits + e.largest_gathered_layer
+    lora = train.lora if train is not None and train.lora.enabled else None
+    trained = (f"LoRA rank {lora.rank} on {lora.targets} (adapters float32, base frozen in {config.dtype})"
+               if lora else "params float32")
     lines = [
-        f"plan: {name} ({result['num_params']:,} params; compute {config.dtype}, params float32, remat "
+        f"plan: {name} ({result['num_params']:,} params; compute {config.dtype}, {trained}, remat "
         f"{config.remat_policy}); mesh {describe_mesh(mesh)}",
         f"  batch {work.batch} x seq {work.seq}; per sequence {work.crops} crops, {work.tokens} visual tokens "
         f"({work.pool} patches each)",
@@ -294,7 +301,7 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
         "per device, GiB        XLA  analytic",
         f"  arguments       {g(c.argument_bytes)}  {g(e.params + e.opt_state + e.batch)}  params {g(e.params).strip()}"
         f" + optimizer state {g(e.opt_state).strip()} + batch {g(e.batch).strip()}",
-        f"  outputs         {g(c.output_bytes)}  {g(e.params + e.opt_state)}  new state ({g(c.alias_bytes).strip()} "
+        f"  outputs         {g(c.output_bytes)}  {g(e.grads + e.opt_state)}  new state ({g(c.alias_bytes).strip()} "
         f"aliased to donated arguments)",
         f"  temporaries     {g(c.temp_bytes)}  {g(temps)}  grads {g(e.grads).strip()} + saved activations "
         f"{g(e.saved_activations).strip()} + one layer's working set {g(e.layer_working_set).strip()} + logits "

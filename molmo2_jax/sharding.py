@@ -43,6 +43,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vit_heads", "tensor"),
     ("vit_features", "fsdp"),  # 2304 concatenated ViT features entering the connector's q/k/v
     ("vit_in", None),  # 588 patch values / 729 positions (not divisible by typical mesh sizes)
+    ("lora_rank", None),  # LoRA adapters: their other dims are their base kernel's
     # activations
     ("act_batch", BATCH_AXES),
     ("act_length", "sequence"),

@@ -298,7 +298,7 @@ def test_step_compiles_ahead_of_time_from_abstract_shapes(train_step):
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
                for x in jax.tree_util.tree_leaves(state_spec))
     with train_step.context():
-        compiled = train_step.jit_step(spec).lower(state_spec, spec).compile()
+        compiled = train_step.jit_step(spec).lower(state_spec, spec, {}).compile()
     assert compiled.memory_analysis() is not None
     shardings = train_step.batch_shardings(spec)
     assert shardings["pixel_values"].spec[0] is None  # the micro-batch axis is never split

@@ -55,7 +55,7 @@ def main() -> None:
         if name == "sequence":  # the activations really are split along the sequence
             spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
             with ts.context():
-                text = ts.jit_step(spec).lower(ts.abstract_state(), spec).as_text()
+                text = ts.jit_step(spec).lower(ts.abstract_state(), spec, {}).as_text()
             assert '[{"data", "fsdp"}, {"sequence"}, {}]' in text
         state, metrics = ts.step(state, batch)
         kernel = state["params"]["decoder"]["layers"]["q"]["kernel"]

@@ -36,12 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-frames", type=int, default=None, help="override the checkpoint's video frame limit")
     parser.add_argument("--json", action="store_true", help='print {"answer", "groundings", "count"} as JSON')
     parser.add_argument("--draw", metavar="OUT", help="draw the points (.png, images) or tracks (.gif/.mp4, video)")
+    parser.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory for this checkpoint")
+    parser.add_argument("--merge-adapter", action="store_true", help="add the adapter into the base weights")
 
 
 def _check_request(args: argparse.Namespace) -> None:
     """Fail before loading anything when the request cannot succeed."""
     if not Path(args.checkpoint).is_dir():
         raise RequestError(f"--checkpoint {args.checkpoint}: directory not found")
+    if args.adapter and not Path(args.adapter).is_dir():
+        raise RequestError(f"--adapter {args.adapter}: directory not found")
     if args.image and args.video:
         raise RequestError("give --image or --video, not both (one request is about images or about a video)")
     for flag, path in [("--image", p) for p in args.image] + [("--video", args.video)] * bool(args.video):
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         {"type": "text", "text": args.prompt}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}])
     inputs = processor(prompt, images=images or None, videos=[video] if video else None, max_crops=args.max_crops)
-    model = molmo2_jax.load(args.checkpoint, dtype=args.dtype)
+    model = molmo2_jax.load(args.checkpoint, dtype=args.dtype, adapter=args.adapter, merge_adapter=args.merge_adapter)
     load_seconds = time.perf_counter() - start
 
     result = model.generate(inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                         help="compute dtype (params and optimizer state stay float32)")
     parser.add_argument("--remat", default="full", help="remat policy: none, full, dots, dots_no_batch")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="plan LoRA training of this rank instead of full fine-tuning (default 0: full)")
+    parser.add_argument("--lora-targets", default=None, metavar="REGEX",
+                        help="kernels to adapt (default: the LLM's q/k/v/o and MLP)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="model config overrides, e.g. text.num_layers=2")
 
@@ -58,11 +62,14 @@ def run(args: argparse.Namespace) -> int:
     from molmo2_jax.config import load_preset
     from molmo2_jax.plan import Workload, format_report, plan
     from molmo2_jax.sharding import make_mesh
+    from molmo2_jax.training.config import parse_train_config
 
     config = load_preset(args.model, [f"dtype={args.dtype}", f"remat_policy={args.remat}", *args.overrides])
     crops, tokens = next((image for image in DEFAULT_IMAGES if image[1] <= args.seq), DEFAULT_IMAGES[-1])
     work = Workload(batch=args.batch, seq=args.seq, crops=crops if args.crops is None else args.crops,
                     tokens=tokens if args.tokens is None else args.tokens, pool=args.pool)
+    lora = {"rank": args.lora} | ({"targets": args.lora_targets} if args.lora_targets else {})
+    train = parse_train_config({"model": {"preset": args.model}, "lora": lora})
     mesh = make_mesh(spec)
-    print(format_report(args.model, config, mesh, work, plan(config, mesh, work)), flush=True)
+    print(format_report(args.model, config, mesh, work, plan(config, mesh, work, train), train), flush=True)
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from molmo2_jax.config import ConfigError, Molmo2Config, apply_overrides, from_dict, load_preset, read_yaml, to_dict
+from molmo2_jax.lora import LoraConfig
 
 
 class TrainConfigError(ConfigError):
@@ -102,6 +103,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
+    lora: LoraConfig = LoraConfig()  # rank > 0: train low-rank adapters only (molmo2_jax/lora.py)
 
     def validate(self) -> TrainConfig:
         if self.steps < 1:
@@ -120,6 +122,7 @@ class TrainConfig:
         for name, group in self.optimizer.groups.items():
             if group.lr < 0 or group.warmup_steps < 0:
                 raise TrainConfigError(f"optimizer.{name}: lr and warmup_steps must be >= 0")
+        self.lora.validate()
         return self
 
     def with_absolute_paths(self) -> TrainConfig:

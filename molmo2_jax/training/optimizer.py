@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import optax
 
-from molmo2_jax.training.config import OptimizerConfig, TrainConfigError
+from molmo2_jax.training.config import GroupConfig, OptimizerConfig, TrainConfigError
 
 FROZEN = "frozen"
 
@@ -50,10 +50,12 @@ def _compile(pattern: str, where: str) -> re.Pattern:
         raise TrainConfigError(f"{where} {pattern!r} is not a valid regex ({e})") from None
 
 
-def schedules(config: OptimizerConfig, total_steps: int) -> dict[str, optax.Schedule]:
-    """Per group: linear warmup from 0 to `lr`, then cosine decay to `final_lr_ratio * lr` at `total_steps`."""
+def schedules(config: OptimizerConfig, total_steps: int,
+              groups: dict[str, GroupConfig] | None = None) -> dict[str, optax.Schedule]:
+    """Per group (default: the config's): linear warmup from 0 to `lr`, then cosine decay to
+    `final_lr_ratio * lr` at `total_steps`."""
     out = {}
-    for name, g in config.groups.items():
+    for name, g in (config.groups if groups is None else groups).items():
         warmup = min(g.warmup_steps, total_steps)
         out[name] = optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=g.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
@@ -61,7 +63,8 @@ def schedules(config: OptimizerConfig, total_steps: int) -> dict[str, optax.Sche
     return out
 
 
-def make_optimizer(labels_tree, config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(labels_tree, config: OptimizerConfig, total_steps: int,
+                   groups: dict[str, GroupConfig] | None = None) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW per group; frozen params get zero updates and no optimizer state.
 
     `labels_tree` has the structure of the params with a group name at each leaf. Frozen grads are already
@@ -69,7 +72,7 @@ def make_optimizer(labels_tree, config: OptimizerConfig, total_steps: int) -> op
     """
     transforms = {
         name: optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
-        for name, schedule in schedules(config, total_steps).items()
+        for name, schedule in schedules(config, total_steps, groups).items()
     }
     transforms[FROZEN] = optax.set_to_zero()
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),

@@ -60,24 +60,36 @@ def resolve_model_config(train: TrainConfig):
 
 
 def starting_state(ts: TrainStep) -> dict[str, Any]:
-    """A fresh train state at the configured starting point."""
+    """A fresh train state at the configured starting point (LoRA: the adapters, from `lora.adapter` or new)."""
+    if ts.lora is None:
+        return ts.init_state(starting_params(ts))
+    if ts.lora.adapter:
+        from molmo2_jax.checkpoint.peft import import_adapter
+
+        return ts.init_state(import_adapter(ts.lora.adapter, ts.model_config, ts.lora))
+    return ts.init_state(ts.train_config.init.seed)
+
+
+def starting_params(ts: TrainStep) -> int | dict[str, Any]:
+    """The configured starting weights (a seed for random init)."""
     init, config, mesh = ts.train_config.init, ts.model_config, ts.mesh
     if init.kind == "random":
-        return ts.init_state(init.seed)
+        return init.seed
     if init.kind == "molmo2":
         import molmo2_jax
 
         path = Path(init.checkpoint)
         if is_training_checkpoint(path):
-            return ts.init_state(restore_step_params(path, ts.abstract_state()["params"]))
-        return ts.init_state(molmo2_jax.load(path, dtype="float32", mesh=mesh).params)
+            return restore_step_params(path, ts.abstract_base() or ts.abstract_state()["params"])
+        dtype = config.dtype if ts.lora else "float32"
+        return molmo2_jax.load(path, dtype=dtype, mesh=mesh).params
     from molmo2_jax.checkpoint.init_from import params_from_llm_vit
 
-    shardings = flatten(ts.param_shardings)
+    shardings = flatten(ts.base_shardings or ts.param_shardings)
     random = flatten(init_params(config, init.seed, mesh))
     params = params_from_llm_vit(config, init.llm, init.vit, random, param_shapes(config),
                                  place=lambda path, x: jax.device_put(x, shardings[path]))
-    return ts.init_state(unflatten(params))
+    return unflatten(params)
 
 
 def data_iterator(spec: dict[str, Any], *, evaluation: bool = False):
@@ -127,6 +139,8 @@ def run(train: TrainConfig, batches: Iterator[dict[str, np.ndarray]] | None = No
     checkpointer = Checkpointer(run_dir / "checkpoints", train.checkpoint)
     events = EventWriter(run_dir / "tensorboard") if train.log.tensorboard and primary else None
     grain_state = batches if hasattr(batches, "get_state") else None
+    if ts.lora:  # the frozen base is not in the checkpoints: it is read again on resume
+        ts.set_base(starting_params(ts))
     try:
         state = initial_state(ts, checkpointer, lambda: starting_state(ts), grain_state, log)
         return Trainer(ts, checkpointer, events, log).run(state, batches, grain_state, eval_batches)

@@ -9,10 +9,14 @@ is normalised by the total loss weight of all of them, so accumulation equals on
 Mixed precision: params stay fp32 in the state (master weights); the forward pass runs in the model
 config's compute `dtype` (e.g. bfloat16); logits, loss and optimizer are fp32.
 
+LoRA (`train_config.lora.rank > 0`): the state's params are the fp32 adapters only (one lr group, "lora"); the
+base params are frozen in the compute dtype, set once with `set_base` and passed to every step beside the state
+(never donated, differentiated or saved), so gradients, optimizer state and checkpoints are adapter-sized.
+
     ts = make_train_step(model_config, train_config, mesh)
     state = ts.init_state(0)                       # or ts.init_state(params)
     state, metrics = ts.step(state, batch)          # numpy or jax arrays
-    ts.jit_step(batch_spec).lower(ts.abstract_state(), batch_spec).compile()   # AOT, nothing allocated
+    ts.jit_step(spec).lower(ts.abstract_state(), spec, ts.abstract_base()).compile()   # AOT, nothing allocated
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from molmo2_jax import distributed
+from molmo2_jax import distributed, lora
 from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # the model inputs of a batch
-from molmo2_jax.config import Molmo2Config
+from molmo2_jax.config import ConfigError, Molmo2Config
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, unflatten
-from molmo2_jax.sharding import activate, batch_shardings, make_mesh, param_shardings
-from molmo2_jax.training.config import TrainConfig, TrainConfigError
+from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh, param_shardings
+from molmo2_jax.training.config import GroupConfig, TrainConfig, TrainConfigError
 from molmo2_jax.training.loss import weighted_sums
 from molmo2_jax.training.optimizer import FROZEN, make_optimizer, param_labels, schedules
 
@@ -56,18 +60,32 @@ class TrainStep:
         self.train_config = train_config
         self.mesh = mesh
         self.module = Molmo2(self.model_config)
-        names = logical_names(self.model_config)
         opt = train_config.optimizer
-        self.labels = param_labels(names, opt)  # raises on a bad group before anything compiles
-        self.schedules = schedules(opt, train_config.steps)
-        self.tx = make_optimizer(unflatten(self.labels), opt, train_config.steps)
-        self._frozen = unflatten({p: label == FROZEN for p, label in self.labels.items()})
+        self.lora = train_config.lora if train_config.lora.enabled else None
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.param_shardings = param_shardings(model_config, mesh)  # fails fast on a mesh that does not fit
+        self.base: dict[str, Any] = {}  # LoRA: the frozen base params (`set_base`)
+        self.base_shardings: dict[str, Any] = {}
+        if self.lora is None:
+            boxes, groups = abstract_params(self.model_config), opt.groups
+            self.labels = param_labels(logical_names(self.model_config), opt)  # raises on a bad group
+            self.param_shardings = param_shardings(model_config, mesh)  # fails fast on a mesh that does not fit
+        else:
+            try:
+                boxes = lora.abstract_adapters(model_config, self.lora)  # raises on bad targets / rank
+            except ConfigError as e:
+                raise TrainConfigError(str(e)) from None
+            groups = {"lora": GroupConfig(".*", self.lora.lr, self.lora.warmup_steps)}
+            self.labels = {p: "lora" for p in flatten(boxes)}
+            self.base_shardings = param_shardings(model_config, mesh)
+            self.param_shardings = jax.tree_util.tree_map(
+                lambda box: NamedSharding(mesh, logical_to_spec(box.names)), boxes,
+                is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        self.schedules = schedules(opt, train_config.steps, groups)
+        self.tx = make_optimizer(unflatten(self.labels), opt, train_config.steps, groups)
+        self._frozen = unflatten({p: label == FROZEN for p, label in self.labels.items()})
         self._abstract_params = jax.tree_util.tree_map(
             lambda box, sharding: jax.ShapeDtypeStruct(box.value.shape, jnp.float32, sharding=sharding),
-            abstract_params(self.model_config), self.param_shardings,
-            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+            boxes, self.param_shardings, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
         self._abstract_opt = jax.eval_shape(self.tx.init, self._abstract_params)
         flat_shardings = flatten(self.param_shardings)
         opt_shardings = jax.tree_util.tree_map_with_path(
@@ -85,9 +103,34 @@ class TrainStep:
         return {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
                 "params": self._abstract_params, "opt_state": opt}
 
-    def init_state(self, seed_or_params: int | Mapping[str, Any]) -> dict[str, Any]:
-        """A fresh state from a random seed or from a param tree (cast to fp32 and placed in its shardings)."""
+    def abstract_base(self) -> dict[str, Any]:
+        """LoRA: ShapeDtypeStructs (compute dtype, with shardings) of the frozen base params; else {}."""
+        if self.lora is None:
+            return {}
+        dtype = jnp.dtype(self.model_config.dtype)
+        return jax.tree_util.tree_map(lambda box, sharding: jax.ShapeDtypeStruct(box.value.shape, dtype,
+                                                                                 sharding=sharding),
+                                      abstract_params(self.model_config), self.base_shardings,
+                                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+    def set_base(self, seed_or_params: int | Mapping[str, Any]) -> None:
+        """LoRA: the frozen base params (random from a seed, or a param tree), cast to the compute dtype and
+        placed in their shardings."""
         if isinstance(seed_or_params, (int, np.integer)):
+            seed_or_params = init_params(self.model_config, int(seed_or_params), self.mesh)
+        abstract = self.abstract_base()
+        _check_shapes(abstract, seed_or_params)
+        # a jax array keeps its sharding while cast; a host array is cast on the host, then placed in shards
+        cast = lambda x, s: x.astype(s.dtype) if isinstance(x, jax.Array) else np.asarray(x, s.dtype)
+        self.base = jax.tree_util.tree_map(lambda x, s: jax.device_put(cast(x, s), s.sharding),
+                                           dict(seed_or_params), abstract)
+
+    def init_state(self, seed_or_params: int | Mapping[str, Any]) -> dict[str, Any]:
+        """A fresh state from a random seed or from a param tree (cast to fp32 and placed in its shardings).
+        With LoRA these are the adapters (from a seed: A random, B = 0)."""
+        if isinstance(seed_or_params, (int, np.integer)) and self.lora is not None:
+            params = lora.init_adapters(self.model_config, self.lora, int(seed_or_params), self.param_shardings)
+        elif isinstance(seed_or_params, (int, np.integer)):
             params = jax.device_put(init_params(self.model_config, int(seed_or_params), self.mesh),
                                     self.param_shardings)
         else:
@@ -100,15 +143,7 @@ class TrainStep:
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         """Raise TrainConfigError naming the first params whose paths or shapes differ from this model's."""
-        want = {p: tuple(s.shape) for p, s in flatten(self._abstract_params).items()}
-        got = {p: tuple(np.shape(x)) for p, x in flatten(params).items()}
-        problems = [f"missing {p}" for p in sorted(set(want) - set(got))]
-        problems += [f"unexpected {p}" for p in sorted(set(got) - set(want))]
-        problems += [f"{p} has shape {got[p]}, the model needs {want[p]}"
-                     for p in sorted(set(want) & set(got)) if got[p] != want[p]]
-        if problems:
-            raise TrainConfigError(f"params do not fit the model config ({len(problems)} problem(s)): "
-                                   + "; ".join(problems[:4]))
+        _check_shapes(self._abstract_params, params)
 
     # -- batches ---------------------------------------------------------------------------------------------
 
@@ -136,36 +171,51 @@ class TrainStep:
 
     # -- the step --------------------------------------------------------------------------------------------
 
-    def _loss_sums(self, params, micro_batch):
-        params = jax.tree_util.tree_map(lambda x, frozen: jax.lax.stop_gradient(x) if frozen else x,
-                                        params, self._frozen)
+    def _loss_sums(self, params, base, micro_batch, dropout_key=None):
         inputs = {k: v for k, v in micro_batch.items() if k in MODEL_KEYS}
-        logits, _ = self.module.apply({"params": params}, **inputs)
+        if self.lora is None:
+            params = jax.tree_util.tree_map(lambda x, frozen: jax.lax.stop_gradient(x) if frozen else x,
+                                            params, self._frozen)
+            logits, _ = self.module.apply({"params": params}, **inputs)
+        else:
+            rngs = {} if dropout_key is None else {"dropout": dropout_key}
+            with lora.applied(self.lora, deterministic=dropout_key is None):
+                logits, _ = self.module.apply({"params": lora.combine(base, params)}, **inputs, rngs=rngs)
         return weighted_sums(logits, micro_batch["target_ids"], micro_batch["loss_weights"])
 
-    def gradients(self, params, batch):
+    def _dropout_keys(self, step, count: int):
+        """LoRA dropout keys of one step's micro-batches (a function of the step: resuming replays them)."""
+        if self.lora is None or not self.lora.dropout:
+            return None
+        return jax.random.split(jax.random.fold_in(jax.random.key(self.train_config.init.seed), step), count)
+
+    def gradients(self, params, batch, base=None, step=None):
         """`(grads, sums)` of one optimizer batch: the gradients of `(ce + z_loss_scale * z) / total loss weight`,
         summed over the micro-batches (so accumulation equals one large batch), and the un-normalised loss sums
-        of `loss.weighted_sums` summed likewise. `step` applies exactly these gradients (frozen params get zero)."""
+        of `loss.weighted_sums` summed likewise. `step` applies exactly these gradients (frozen params get zero).
+        With LoRA, `params` are the adapters, `base` the frozen base and `step` seeds the adapters' dropout."""
         z_scale = self.train_config.optimizer.z_loss_scale
         total = jnp.sum(batch["loss_weights"].astype(jnp.float32))
         norm = jnp.where(total > 0, total, 1.0)
 
-        def micro(grads, micro_batch):
+        def micro(grads, micro_and_key):
+            micro_batch, key = micro_and_key
+
             def loss_fn(params):
-                sums = self._loss_sums(params, micro_batch)
+                sums = self._loss_sums(params, base, micro_batch, key)
                 return (sums["ce"] + z_scale * sums["z"]) / norm, sums
 
             (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
             return jax.tree_util.tree_map(jnp.add, grads, g), sums
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        grads, sums = jax.lax.scan(micro, zeros, batch)
+        keys = None if step is None else self._dropout_keys(step, self.train_config.grad_accum)
+        grads, sums = jax.lax.scan(micro, zeros, (batch, keys))
         return grads, jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
 
-    def _train_step(self, state, batch):
+    def _train_step(self, state, batch, base):
         z_scale = self.train_config.optimizer.z_loss_scale
-        grads, sums = self.gradients(state["params"], batch)
+        grads, sums = self.gradients(state["params"], batch, base, state["step"])
         total = sums["weight"]
         norm = jnp.where(total > 0, total, 1.0)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
@@ -178,29 +228,32 @@ class TrainStep:
         }
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-    def _eval_step(self, params, batch):
-        sums = jax.lax.map(lambda mb: self._loss_sums(params, mb), batch)
+    def _eval_step(self, params, batch, base):
+        sums = jax.lax.map(lambda mb: self._loss_sums(params, base, mb), batch)
         return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
 
     def _signature(self, batch_spec: Mapping[str, Any]):
         return tuple(sorted((k, tuple(np.shape(v)), str(getattr(v, "dtype", ""))) for k, v in batch_spec.items()))
 
     def jit_step(self, batch_spec: Mapping[str, Any]):
-        """The jitted `(state, batch) -> (state, metrics)` for batches shaped like `batch_spec`, with input
-        and output shardings and the state donated. Call it (or `.lower(...)`) inside `self.context()`."""
+        """The jitted `(state, batch, base) -> (state, metrics)` for batches shaped like `batch_spec`, with input
+        and output shardings and the state donated (`base`: `self.base`, or `abstract_base()` to lower). Call it
+        (or `.lower(...)`) inside `self.context()`."""
         key = ("train", self._signature(batch_spec))
         if key not in self._jitted:
             self._jitted[key] = jax.jit(
-                self._train_step, in_shardings=(self.state_shardings, self.batch_shardings(batch_spec)),
+                self._train_step, in_shardings=(self.state_shardings, self.batch_shardings(batch_spec),
+                                                self.base_shardings),
                 out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
         return self._jitted[key]
 
     def jit_eval(self, batch_spec: Mapping[str, Any]):
-        """The jitted `(params, batch) -> loss sums` (ce, z, weight, correct) for held-out batches."""
+        """The jitted `(params, batch, base) -> loss sums` (ce, z, weight, correct) for held-out batches."""
         key = ("eval", self._signature(batch_spec))
         if key not in self._jitted:
             self._jitted[key] = jax.jit(
-                self._eval_step, in_shardings=(self.param_shardings, self.batch_shardings(batch_spec)),
+                self._eval_step, in_shardings=(self.param_shardings, self.batch_shardings(batch_spec),
+                                               self.base_shardings),
                 out_shardings=self.replicated)
         return self._jitted[key]
 
@@ -220,12 +273,25 @@ class TrainStep:
         """One optimizer step (the state is donated: do not reuse the one passed in)."""
         batch = self.place_batch(batch)
         with self.context():
-            return self.jit_step(batch)(state, batch)
+            return self.jit_step(batch)(state, batch, self.base)
 
     def evaluate(self, params: dict[str, Any], batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         batch = self.place_batch(batch)
         with self.context():
-            return self.jit_eval(batch)(params, batch)
+            return self.jit_eval(batch)(params, batch, self.base)
+
+
+def _check_shapes(abstract: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    """Raise TrainConfigError naming the first params whose paths or shapes differ from `abstract`'s."""
+    want = {p: tuple(s.shape) for p, s in flatten(abstract).items()}
+    got = {p: tuple(np.shape(x)) for p, x in flatten(params).items()}
+    problems = [f"missing {p}" for p in sorted(set(want) - set(got))]
+    problems += [f"unexpected {p}" for p in sorted(set(got) - set(want))]
+    problems += [f"{p} has shape {got[p]}, the model needs {want[p]}"
+                 for p in sorted(set(want) & set(got)) if got[p] != want[p]]
+    if problems:
+        raise TrainConfigError(f"params do not fit the model config ({len(problems)} problem(s)): "
+                               + "; ".join(problems[:4]))
 
 
 def _param_path(key_path) -> str:
