@@ -1,8 +1,8 @@
 """The model's batch contract: the input keys, and which `<im_patch>` token takes which visual feature row.
 
 Inputs are named like the transformers `Molmo2Processor` outputs, plus our own optional per-token keys:
-`segment_ids` (packed examples), `position_ids` and `video_patch_mask` (1 at the `<im_patch>` tokens that take
-video feature rows). The visual-token rule lives here once; the host-side input check and the traced model both
+`segment_ids` (packed examples), `position_ids` and `video_patch_mask` (non-zero at the `<im_patch>` tokens that
+take video feature rows). The visual-token rule lives here once; the host-side input check and the traced model both
 call `patch_streams`, on numpy or jax arrays alike.
 """
 
