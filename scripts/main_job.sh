@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on built-in data: build the synthetic grounding set, train the tiny model on it (CPU, 11.5 to
+# The main job on built-in data: build the synthetic grounding set, train the tiny model on it (CPU, 9 to
 # 14 minutes on 2 cores), then score pointing, counting and tracking on the held-out split next to the
 # untrained model. Outputs go to data/ and runs/; a second run keeps the data if it was built with these
 # settings and resumes the training run if it was started with this molmo2_jax/configs/train/tiny.yaml (else
