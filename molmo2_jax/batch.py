@@ -21,6 +21,12 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "video_patch_m
 IGNORED_KEYS = ("image_grids", "image_num_crops", "video_grids", "token_type_ids")
 
 
+def fill_value(key: str) -> int:
+    """What pads the input `key` to a static shape: -1 in pooling slots (no patch), 0 everywhere else (no token,
+    no loss, an empty crop or frame)."""
+    return -1 if key.endswith("_token_pooling") else 0
+
+
 class InputError(Molmo2Error):
     """Model inputs that cannot be run (unknown keys, inconsistent visual token counts, too long)."""
 

@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from molmo2_jax.api import INPUT_KEYS, InputError, Molmo2Model
+from molmo2_jax.batch import fill_value
 from molmo2_jax.model.molmo2 import init_cache
 from molmo2_jax.sharding import cache_shardings
 
 PROMPT_BUCKET = 64
 CACHE_BUCKET = 128
 POOL_BUCKET = 64
-VISUAL_KEYS = (("pixel_values", 0.0), ("image_token_pooling", -1), ("pixel_values_videos", 0.0),
-               ("video_token_pooling", -1))
+VISUAL_KEYS = ("pixel_values", "image_token_pooling", "pixel_values_videos", "video_token_pooling")
 
 
 @dataclass
@@ -109,12 +109,12 @@ def left_pad(inputs: Mapping[str, Any], multimodal_ids: Sequence[int], max_posit
         out[key] = np.zeros((ids.shape[0], width), np.int32)
         for row, n in enumerate(lengths):
             out[key][row, width - n:] = values[row][mask[row]]
-    for key, fill in VISUAL_KEYS:
+    for key in VISUAL_KEYS:
         if inputs.get(key) is not None and np.shape(inputs[key])[0]:
             array = np.asarray(inputs[key])
             rows = array.shape[0]
             rows = _round_up(rows, POOL_BUCKET) if key.endswith("pooling") else _crop_bucket(rows)
-            out[key] = _pad_rows(array, rows, fill)
+            out[key] = _pad_rows(array, rows, fill_value(key))
     return out, lengths.tolist()
 
 

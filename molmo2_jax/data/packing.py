@@ -24,7 +24,7 @@ import grain
 import numpy as np
 
 from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # noqa: F401 (molmo2_jax.data exports it)
-from molmo2_jax.batch import video_patch_mask
+from molmo2_jax.batch import fill_value, video_patch_mask
 from molmo2_jax.data.errors import DataError
 from molmo2_jax.preprocessing.collate import Bucket
 
@@ -127,7 +127,7 @@ def assemble(rows: Sequence[Sequence[Mapping[str, Any]]], bucket: Bucket, *, pat
     for pixels_key, pooling_key, crops_limit, tokens_limit, width in _VISION:
         n_crops, n_tokens = getattr(bucket, crops_limit), getattr(bucket, tokens_limit)
         pixels = np.zeros((n_crops, patches_per_crop, patch_dim), pixel_dtype)
-        pooling = np.full((n_tokens, width), -1, np.int32)
+        pooling = np.full((n_tokens, width), fill_value(pooling_key), np.int32)
         if vision[pixels_key]:
             real = np.concatenate(vision[pixels_key])
             pixels[: len(real)] = real

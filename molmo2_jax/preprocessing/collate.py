@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from molmo2_jax.batch import video_patch_mask
+from molmo2_jax.batch import fill_value, video_patch_mask
 from molmo2_jax.preprocessing.errors import BucketOverflowError
 
 PATCHES_PER_CROP = 729  # 27 x 27 patches of 14 px in a 378 px crop
@@ -63,7 +63,7 @@ def _concat_visual(examples, pixel_key: str, pool_key: str, max_rows: int, max_t
             raise BucketOverflowError(f"the batch needs {name}={sum(per_example)} (per example {per_example}) "
                                       f"but the bucket allows {limit}")
     pixels = np.zeros((max_rows, PATCHES_PER_CROP, PATCH_DIM), dtype=np.float32)
-    pooling = np.full((max_tokens, pool_width), -1, dtype=pool_dtype)
+    pooling = np.full((max_tokens, pool_width), fill_value(pool_key), dtype=pool_dtype)
     row = tok = 0
     for ex in present:
         pv, pool = np.asarray(ex[pixel_key]), np.asarray(ex[pool_key])

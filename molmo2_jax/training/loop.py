@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from molmo2_jax import distributed
+from molmo2_jax.batch import fill_value
 from molmo2_jax.data.errors import TooManyBadExamplesError
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.training.checkpointing import Checkpointer, CheckpointSaveError
@@ -94,10 +95,8 @@ def stack_micro_batches(micro_batches: list[dict[str, np.ndarray]]) -> dict[str,
 
 
 def pad_to(key: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`array` (batch[key]) padded at the end of each axis to `shape`: pooling slots with -1, everything else
-    with 0 (no tokens, no loss, empty crops)."""
-    fill = -1 if key.endswith("_token_pooling") else 0
-    return np.pad(array, [(0, s - n) for s, n in zip(shape, array.shape)], constant_values=fill)
+    """`array` (batch[key]) padded at the end of each axis to `shape` with `batch.fill_value(key)`."""
+    return np.pad(array, [(0, s - n) for s, n in zip(shape, array.shape)], constant_values=fill_value(key))
 
 
 def _batch_counts(batch: dict[str, np.ndarray]) -> tuple[int, int, int, int]:
