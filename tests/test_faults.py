@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,13 @@ import yaml
 from test_data_common import synthetic_root  # noqa: F401  (fixture)
 from test_data_pipeline import _bad_manifest, _config
 from test_export import read_tensors
-from test_training import PREEMPT_SETTINGS, synthetic_batches, train_config, train_step  # noqa: F401
+from test_training import (  # noqa: F401  (train_step: fixture)
+    PREEMPT_SETTINGS,
+    run_watching_stdout,
+    synthetic_batches,
+    train_config,
+    train_step,
+)
 
 from molmo2_jax.checkpoint.export import export_to_hf
 from molmo2_jax.cli import main
@@ -174,21 +179,14 @@ def _children(pid: int) -> list[int]:
 def test_sigterm_whose_save_fails_still_exits_143(tmp_path):
     disk, run = tmp_path / "disk", tmp_path / "disk" / "run"
     command = _training_command(tmp_path, run, log={"every": 1, "tensorboard": False})
-    with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen(on_tiny_fs(1500, disk, tmp_path / "left", command), env=ENV, stdout=subprocess.PIPE,
-                                stderr=stderr, text=True)
-        watchdog = threading.Timer(600, proc.kill)
-        watchdog.start()
-        try:
-            for line in proc.stdout:
-                if line.startswith("step 2/6"):  # the training process, not the shell around it
-                    os.kill(_children(proc.pid)[0], signal.SIGTERM)
-            proc.wait()
-        finally:
-            watchdog.cancel()
-            proc.kill()
+    def on_line(proc, line):
+        if line.startswith("step 2/6"):  # the training process, not the shell around it
+            os.kill(_children(proc.pid)[0], signal.SIGTERM)
+
+    returncode = run_watching_stdout(on_tiny_fs(1500, disk, tmp_path / "left", command), ENV, tmp_path / "stderr",
+                                     on_line)
     err = (tmp_path / "stderr").read_text()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert returncode == 128 + signal.SIGTERM, err[-3000:]
     line = _one_error_line(err)
     stopped = re.fullmatch(rf"molmo2-jax train: SIGTERM received: stopped after step (\d); could not save step \1 to "
                            rf"{run / 'checkpoints'}/\1: no space left on device \(1\.\d MB free, a step takes about "

@@ -326,6 +326,22 @@ def _train_command_on_synthetic_batches(config_path: str) -> int:
     return main(["train", "--config", config_path])
 
 
+def run_watching_stdout(command, env, stderr_path, on_line) -> int:
+    """Run `command` (stderr to `stderr_path`), calling `on_line(proc, line)` for each line it prints; killed
+    after 10 minutes. Returns its exit code."""
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        watchdog = threading.Timer(600, proc.kill)
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                on_line(proc, line)
+            return proc.wait()
+        finally:
+            watchdog.cancel()
+            proc.kill()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
     import yaml
@@ -337,22 +353,15 @@ def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
     config_path.write_text(yaml.safe_dump({**PREEMPT_SETTINGS, "run_dir": str(tmp_path / "run")}))
     command = [sys.executable, __file__, str(config_path)]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        watchdog = threading.Timer(600, proc.kill)
-        watchdog.start()
-        try:
-            for line in proc.stdout:
-                if line.startswith("step 2/6"):
-                    proc.send_signal(signal.SIGTERM)
-                elif "received: saving step" in line:
-                    proc.send_signal(signal.SIGINT)  # a second signal while saving is ignored
-            proc.wait()
-        finally:
-            watchdog.cancel()
-            proc.kill()
+    def on_line(proc, line):
+        if line.startswith("step 2/6"):
+            proc.send_signal(signal.SIGTERM)
+        elif "received: saving step" in line:
+            proc.send_signal(signal.SIGINT)  # a second signal while saving is ignored
+
+    returncode = run_watching_stdout(command, env, tmp_path / "stderr", on_line)
     err = (tmp_path / "stderr").read_text()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     stopped = re.fullmatch(r"molmo2-jax train: SIGTERM received: stopped after step (\d+); saved (\S+) \(run again "
                            r"with the same run_dir to resume\)", err.strip().splitlines()[-1])
