@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,24 @@ def write_atomically(dst: Path, overwrite: bool, fill: Callable[[Path], Any]) ->
         tmp.rename(dst)
         return result
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_settled(tmp)
         raise
+
+
+def _remove_settled(directory: Path, quiet_seconds: float = 0.5, max_seconds: float = 30.0) -> None:
+    """Remove `directory` and keep removing it until it has stayed gone for `quiet_seconds`: after a failed
+    Orbax save, TensorStore writes still in flight can add files (and their directories) while it goes."""
+    deadline = time.monotonic() + max_seconds
+    gone_since = None
+    while time.monotonic() < deadline:
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= quiet_seconds:
+            return
+        time.sleep(0.05)
 
 
 def _umask() -> int:

@@ -78,16 +78,25 @@ def check_free_space(path: Path, needed: int, what: str) -> None:
 class OrbaxErrorFilter(logging.Filter):
     """Drops the tracebacks Orbax's writer threads log for a failed write (to the `absl` logger): the failure is
     raised to the caller too, which reports it in one line. Creating one also drops, for the rest of the process,
-    the tracebacks of TensorStore writes still in flight when Orbax gives up on a failed write: they call back
-    into Orbax's event loop, closed by then, as unraisable `RuntimeError('Event loop is closed')`s."""
+    what the writes still in flight when Orbax gives up print later: TensorStore's calls back into Orbax's event
+    loop, closed by then (unraisable `RuntimeError('Event loop is closed')`s), and asyncio's 'Task exception was
+    never retrieved' for Orbax's write tasks."""
 
     def __init__(self):
         super().__init__()
         if getattr(sys.unraisablehook, "__wrapped__", None) is None:
             sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
+            logging.getLogger("asyncio").addFilter(_orbax_tasks_never_retrieved)
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _orbax_tasks_never_retrieved(record: logging.LogRecord) -> bool:
+    """False for asyncio's 'Task exception was never retrieved' of an Orbax write task (logged when the task
+    is collected, after the failed write was already reported)."""
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in message)
 
 
 def _without_closed_loop_callbacks(hook):
