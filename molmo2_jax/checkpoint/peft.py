@@ -142,40 +142,63 @@ def import_adapter(src: str | Path, model_config: Molmo2Config, config: LoraConf
     return adapters
 
 
-def export_merged(base: str | Path, adapter: str | Path, dst: str | Path, *, dtype: str = "float32",
-                  overwrite: bool = False, log=print) -> list[str]:
+def export_merged(base: str | Path, adapter: str | Path, dst: str | Path, **export_args) -> list[str]:
     """The base with the adapter merged into its kernels, written in the released layout by the existing export
-    path (`export.export_to_hf`, through a temporary converted checkpoint beside `dst`)."""
+    path (`export.export_to_hf`, through a temporary converted checkpoint beside `dst`; `export_args` go to it)."""
     import tempfile
 
     import molmo2_jax
     from molmo2_jax.checkpoint import converted
     from molmo2_jax.checkpoint.export import export_to_hf
 
+    converted.prepare_destination(Path(dst).absolute(), export_args.get("overwrite", False))  # before the work
     model = molmo2_jax.load(base, adapter=adapter, merge_adapter=True)
     with tempfile.TemporaryDirectory(dir=Path(dst).absolute().parent, prefix=".merged-") as tmp:
         (Path(tmp) / "jax").mkdir()
         converted.save(Path(tmp) / "jax", model.config, model.params)
-        return export_to_hf(Path(tmp) / "jax", dst, dtype=dtype, overwrite=overwrite, side_files_from=base, log=log)
+        return export_to_hf(Path(tmp) / "jax", dst, side_files_from=base, **export_args)
+
+
+def lora_run(src: str | Path, step: int | None = None) -> tuple[Path, Molmo2Config, Any] | None:
+    """(step directory, model config, TrainConfig) of a LoRA training run or step; None for anything else."""
+    from molmo2_jax.config import from_dict
+    from molmo2_jax.training.checkpointing import find_step_dir, read_step_config
+    from molmo2_jax.training.config import TrainConfig
+
+    where = find_step_dir(Path(src), step) if Path(src).is_dir() else None
+    if where is None:
+        return None
+    train = from_dict(TrainConfig, json.loads((where / "config" / "metadata").read_text())["train"])
+    return (where, read_step_config(where), train) if train.lora.enabled else None
 
 
 def export_run_adapter(src: str | Path, dst: str | Path, step: int | None = None) -> list[str]:
     """The adapters of a LoRA training run (its latest or given step) as a PEFT adapter directory."""
     import jax
 
-    from molmo2_jax.config import from_dict
     from molmo2_jax.sharding import make_mesh
-    from molmo2_jax.training.checkpointing import find_step_dir, read_step_config, restore_step_params
-    from molmo2_jax.training.config import TrainConfig
+    from molmo2_jax.training.checkpointing import restore_step_params
     from molmo2_jax.training.step import make_train_step
 
-    where = find_step_dir(Path(src), step)
-    if where is None:
-        raise CheckpointError(f"{src}: not a training run or step directory")
-    model_config = read_step_config(where)
-    train = from_dict(TrainConfig, json.loads((where / "config" / "metadata").read_text())["train"])
-    if not train.lora.enabled:
-        raise CheckpointError(f"{where}: not a LoRA run (its lora.rank is 0); export it with convert/jax_to_hf.py")
+    run = lora_run(src, step)
+    if run is None:
+        raise CheckpointError(f"{src}: not a LoRA training run or step (a run whose lora.rank is above 0)")
+    where, model_config, train = run
     ts = make_train_step(model_config, train, make_mesh({"fsdp": 1}, jax.devices()[:1]))
     adapters = restore_step_params(where, ts.abstract_state()["params"])
     return export_adapter(adapters, model_config, train.lora, dst, base_model=train.init.checkpoint or "")
+
+
+def export_run_merged(src: str | Path, dst: str | Path, step: int | None = None, **export_args) -> list[str]:
+    """A LoRA run's adapters merged into the base it trained on (its `init.checkpoint`), in the released layout."""
+    import tempfile
+
+    where, _, train = lora_run(src, step) or (None, None, None)
+    if where is None:
+        raise CheckpointError(f"{src}: not a LoRA training run or step (a run whose lora.rank is above 0)")
+    if not train.init.checkpoint:
+        raise CheckpointError(f"{where}: the run has no init.checkpoint to merge its adapters into; export the "
+                              "adapter alone (--adapter-only)")
+    with tempfile.TemporaryDirectory(dir=Path(dst).absolute().parent, prefix=".adapter-") as adapter:
+        export_run_adapter(where, adapter)
+        return export_merged(train.init.checkpoint, adapter, dst, **export_args)
