@@ -166,3 +166,22 @@ def test_two_processes_give_the_predictions_of_one(checkpoint, dataset, tmp_path
     out = run_pair(tmp_path / "two")
     assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
     assert json.loads(out) == json.loads((tmp_path / "one" / "metrics.json").read_text())
+
+
+def test_a_mesh_over_the_processes_devices_gives_the_same_answers(checkpoint, dataset, tmp_path, capsys):
+    """The model and each batch sharded over 2 (simulated) devices answer as one device does."""
+    import os
+    import subprocess
+    import sys
+
+    task, d = dataset
+    if task != "pointing":
+        pytest.skip("one schema is enough for the sharding")
+    _eval(checkpoint, dataset, tmp_path / "one", capsys, "--batch-size", "2")
+    argv = [sys.executable, "-m", "molmo2_jax.cli", "eval", "--checkpoint", str(checkpoint[0]), "--task", task,
+            "--data", str(d / "test.json"), "--media", str(d), "--out", str(tmp_path / "mesh"),
+            "--max-new-tokens", "6", "--batch-size", "2", "--mesh", "data=2"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "mesh" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()

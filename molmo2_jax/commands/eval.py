@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (predictions.jsonl, metrics.json)")
     parser.add_argument("--max-new-tokens", type=int, default=448)
     parser.add_argument("--batch-size", type=int, default=8, help="questions answered by one generate call")
+    parser.add_argument("--mesh", help="shard the model and each batch over this process's devices, e.g. data=4 "
+                                       "or fsdp=2,tensor=2 (default: one device)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 of a multi-host run")
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from molmo2_jax.evaluation import metrics
     from molmo2_jax.evaluation.datasets import read_examples
     from molmo2_jax.preprocessing import Molmo2Processor
+    from molmo2_jax.sharding import make_mesh
 
     if args.task not in metrics.TASKS:
         raise Molmo2Error(f"unknown task {args.task!r}; choose one of {', '.join(metrics.TASKS)}")
@@ -110,12 +113,13 @@ def run(args: argparse.Namespace) -> int:
     todo = [e for e in mine if e.id not in done]
     if todo:
         processor = Molmo2Processor.from_pretrained(args.checkpoint)
-        model = molmo2_jax.load(args.checkpoint, dtype=args.dtype)
+        mesh = make_mesh(args.mesh, devices=jax.local_devices()) if args.mesh else None
+        model = molmo2_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
         progress = Progress(len(mine), len(mine) - len(todo))
         with path.open("a") as f:
             for batch in answering.batches(todo, args.batch_size):
                 texts = answering.answer(model, processor, batch, max_new_tokens=args.max_new_tokens,
-                               max_crops=MAX_CROPS, video_fps=VIDEO_FPS.get(args.task))
+                                         max_crops=MAX_CROPS, video_fps=VIDEO_FPS.get(args.task))
                 f.write("".join(json.dumps({"id": e.id, "prediction": t}) + "\n" for e, t in zip(batch, texts)))
                 f.flush()  # a kill loses at most the batch being answered
                 done.update((e.id, t) for e, t in zip(batch, texts))
