@@ -122,6 +122,13 @@ def test_plot_and_drawings_are_written(synthetic_set, tmp_path):
 
 
 def test_bad_runs_and_sets_are_one_line_errors(synthetic_set, tmp_path, capsys):
-    (tmp_path / "run").mkdir()
-    assert main(["eval-synthetic", "--run", str(tmp_path / "run"), "--data", str(synthetic_set)]) != 0
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["eval-synthetic", "--run", str(run), "--data", str(synthetic_set)]) != 0
     assert "no saved training step" in capsys.readouterr().err
+    for part in ("state", "config"):  # what marks a saved step; nothing is read before the checks
+        (run / "checkpoints" / "400" / part).mkdir(parents=True)
+    assert main(["eval-synthetic", "--run", str(run), "--data", str(synthetic_set), "--steps", "0", "300"]) != 0
+    assert "has no saved step [300] (saved: [400])" in capsys.readouterr().err
+    assert main(["eval-synthetic", "--run", str(run), "--data", str(tmp_path)]) != 0
+    assert "not a synthetic set" in capsys.readouterr().err
