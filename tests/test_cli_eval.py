@@ -10,7 +10,7 @@ import torch
 from ref_model import random_image, tokenizer_checkpoint
 
 from molmo2_jax.cli import main
-from molmo2_jax.commands import eval as eval_command
+from molmo2_jax.evaluation import answering
 
 pytestmark = pytest.mark.slow
 
@@ -52,11 +52,11 @@ def dataset(request, tmp_path_factory):
     return request.param, d
 
 
-def _eval(checkpoint, dataset, out, capsys):
+def _eval(checkpoint, dataset, out, capsys, *options):
     task, d = dataset
     checkpoint = checkpoint[0]
     code = main(["eval", "--checkpoint", str(checkpoint), "--task", task, "--data", str(d / "test.json"),
-                 "--media", str(d), "--out", str(out), "--max-new-tokens", "6"])
+                 "--media", str(d), "--out", str(out), "--max-new-tokens", "6", *options])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -68,25 +68,27 @@ def test_eval_writes_answers_and_resumes_after_a_kill(checkpoint, dataset, tmp_p
     assert [json.loads(line)["id"] for line in full.splitlines()] == ["0", "1", "2"]
     assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == json.loads(out)
 
-    real_ask, asked = eval_command._ask, []
+    real_answer, asked = answering.answer, []
 
-    def ask_then_die(*args):  # killed while answering the second example
-        if len(asked) == 1:
+    def answer_then_die(model, processor, batch, **kwargs):  # killed while answering the second batch
+        if asked:
             raise KeyboardInterrupt
-        asked.append(args[2].id)
-        return real_ask(*args)
+        asked.extend(e.id for e in batch)
+        return real_answer(model, processor, batch, **kwargs)
 
-    monkeypatch.setattr(eval_command, "_ask", ask_then_die)
-    code, _, _ = _eval(checkpoint, dataset, tmp_path / "killed", capsys)
+    # batches of 2 here, one batch of 3 in the uninterrupted run: the answers must not depend on the batching
+    monkeypatch.setattr(answering, "answer", answer_then_die)
+    code, _, _ = _eval(checkpoint, dataset, tmp_path / "killed", capsys, "--batch-size", "2")
     predictions = tmp_path / "killed" / "predictions.jsonl"
     assert code == 130 and not (tmp_path / "killed" / "metrics.json").exists()
     with predictions.open("a") as f:
-        f.write('{"id": "1", "predic')  # a line cut off by the kill
+        f.write('{"id": "2", "predic')  # a line cut off by the kill
 
     asked.clear()
-    monkeypatch.setattr(eval_command, "_ask", lambda *args: asked.append(args[2].id) or real_ask(*args))
-    code, out, _ = _eval(checkpoint, dataset, tmp_path / "killed", capsys)
-    assert code == 0 and asked == ["1", "2"]  # only what the first run had not finished
+    monkeypatch.setattr(answering, "answer", lambda model, processor, batch, **kwargs: asked.extend(
+        e.id for e in batch) or real_answer(model, processor, batch, **kwargs))
+    code, out, _ = _eval(checkpoint, dataset, tmp_path / "killed", capsys, "--batch-size", "2")
+    assert code == 0 and asked == ["2"]  # only what the first run had not finished
     assert predictions.read_text() == full
     assert json.loads(out) == json.loads((tmp_path / "full" / "metrics.json").read_text())
 
@@ -164,3 +166,22 @@ def test_two_processes_give_the_predictions_of_one(checkpoint, dataset, tmp_path
     out = run_pair(tmp_path / "two")
     assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
     assert json.loads(out) == json.loads((tmp_path / "one" / "metrics.json").read_text())
+
+
+def test_a_mesh_over_the_processes_devices_gives_the_same_answers(checkpoint, dataset, tmp_path, capsys):
+    """The model and each batch sharded over 2 (simulated) devices answer as one device does."""
+    import os
+    import subprocess
+    import sys
+
+    task, d = dataset
+    if task != "pointing":
+        pytest.skip("one schema is enough for the sharding")
+    _eval(checkpoint, dataset, tmp_path / "one", capsys, "--batch-size", "2")
+    argv = [sys.executable, "-m", "molmo2_jax.cli", "eval", "--checkpoint", str(checkpoint[0]), "--task", task,
+            "--data", str(d / "test.json"), "--media", str(d), "--out", str(tmp_path / "mesh"),
+            "--max-new-tokens", "6", "--batch-size", "2", "--mesh", "data=2"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "mesh" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()

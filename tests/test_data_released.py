@@ -98,3 +98,88 @@ def test_capqa_rows_become_lettered_multiple_choice_turns(tmp_path):
     assert answer == f"{letter}. red"
     again, _ = manifest_records("molmo2-capqa", _rows(tmp_path, rows), media, log=None)
     assert again[0] == record  # the same file on a rerun
+
+
+def test_multi_image_rows(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    for name in ("s1", "s2", "q1", "q2"):
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(media / f"{name}.jpg")
+    point_rows = [{"image_urls": ["http://x/a.jpg", "http://x/b.jpg"], "image_sha256s": ["s1", "s2"],
+                   "labels": ["cat", "cat"], "counts": [1, 1],
+                   "points": [[{"x": 50.0, "y": 20.0}], [{"x": 10.0, "y": 90.0}]]},
+                  {"image_urls": ["http://x/a.jpg"], "image_sha256s": ["s1", "s2"], "labels": ["cat"],
+                   "points": [[]]}]
+    records, skipped = manifest_records("molmo2-multiimagepoint", _rows(tmp_path, point_rows), media, log=None)
+    assert skipped == [("1", "2 sha256s but 1 urls")]
+    (record,) = records
+    assert record["images"] == [str(media / "s1.jpg"), str(media / "s2.jpg")]
+    assert record["messages"][0]["content"] == "Find cat in all images."
+    # each point on its own image (1-based in the text), 0..100 -> 0..1000
+    assert answer_text(record["messages"][1], [(40, 30), (40, 30)], None, "m") == (
+        '<points coords="1 1 500 200;2 2 100 900">cat</points>')
+
+    qa_rows = [{"image_urls": ["http://x/q1.jpg", "http://x/q2.jpg"],
+                "qa_pairs": {"question": ["Which is brighter?", "And bigger?"], "answer": ["The first.", "Neither."]}},
+               {"image_urls": ["http://x/q1.jpg"], "qa_pairs": {"question": ["?"], "answer": ["!"]}}]
+    records, skipped = manifest_records("molmo2-multiimageqa", _rows(tmp_path, qa_rows), media, log=None)
+    assert [s[0] for s in skipped] == ["1"] and "single image" in skipped[0][1]
+    assert [m["content"] for m in records[0]["messages"]] == ["Which is brighter?", "The first.", "And bigger?",
+                                                              "Neither."]
+
+
+def test_synthetic_documents_with_embedded_images(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    media = tmp_path / "media"
+    media.mkdir()
+    png = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(png, format="PNG")
+    page = {"bytes": png.getvalue(), "path": "page.png"}
+    rows = [{"id": "doc1", "images": [page, page], "metadata": {"num_images": 2},
+             "qa_pairs": {"question": ["What is the total?"], "explanation": ["3 + 4 = 7."], "answer": ["7"]}},
+            {"id": "doc2", "images": [page] * 6, "metadata": {"num_images": 6},
+             "qa_pairs": {"question": ["q"], "explanation": ["e"], "answer": ["a"]}}]
+    data = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)  # the hub's layout: images as {bytes, path}
+    records, skipped = manifest_records("molmo2-synmultiimageqa", data, media, log=None)
+    assert [s[0] for s in skipped] == ["doc2"] and "at most 5" in skipped[0][1]
+    (record,) = records
+    assert record["images"] == [str(media / "doc1-0.png"), str(media / "doc1-1.png")]
+    assert (media / "doc1-0.png").read_bytes() == png.getvalue()
+    assert [m["content"] for m in record["messages"]] == [
+        "What is the total? Provide reasoning steps and then give the short answer.", "3 + 4 = 7. Answer: 7"]
+
+
+def test_caption_and_track_instruction_rows(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    for name in ("v1.mp4", "clip3.mp4"):
+        (media / name).write_bytes(b"")
+    cap_rows = [{"video_id": "v1", "video_caption": "A dog runs.", "merged_caption": "m",
+                 "video_frame_merged_caption": "A brown dog runs across a park.", "annotation_score": 4},
+                {"video_id": "v1", "video_caption": "x", "annotation_score": 2}]
+    records, skipped = manifest_records("molmo2-cap", _rows(tmp_path, cap_rows), media, log=None)
+    assert [s[0] for s in skipped] == ["1"] and "annotation_score 2" in skipped[0][1]
+    assert [m["content"] for m in records[0]["messages"]] == [
+        "Caption the video with 1 or two sentences", "A dog runs.", "Describe this video.",
+        "A brown dog runs across a park."]
+
+    track_rows = [{"id": "t1", "clip": "clip3", "fps": 30, "sampling_fps": 2, "expression": "the dog",
+                   "width": 40, "height": 30, "mask_id": ["7", "9"],
+                   "frame_trajectories": [
+                       {"frame": 15, "time": 0.5, "points": [{"id": 9, "point": [8.0, 6.0], "occluded": False},
+                                                             {"id": 7, "point": [4.0, 3.0], "occluded": True}]},
+                       {"frame": 0, "time": 0.0, "points": [{"id": 7, "point": [4.0, 3.0], "occluded": False}]}]},
+                  {"id": "t2", "clip": "clip3", "fps": 30, "sampling_fps": 2, "expression": "x", "mask_id": ["1"],
+                   "frame_trajectories": [{"frame": 0, "time": 0.0, "points": [{"id": 5, "point": [1, 1]}]}]}]
+    records, skipped = manifest_records("molmo2-track-instruction", _rows(tmp_path, track_rows), media, log=None)
+    assert skipped == [("t2", "point of object 5, which mask_id does not list")]
+    (record,) = records
+    assert record["messages"][0]["content"] == "Track the dog in 2 FPS."
+    # objects numbered in mask_id order; the occluded point is left out
+    assert answer_text(record["messages"][1], [], (40, 30), "m") == (
+        '<tracks coords="0.0 1 100 100;0.5 2 200 200">the dog</tracks>')

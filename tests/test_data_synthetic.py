@@ -14,7 +14,7 @@ from molmo2_jax.config import Molmo2Config, from_dict
 from molmo2_jax.data.spm import model_token_settings
 from molmo2_jax.data.synthetic import COLORS, SyntheticConfig, make_spec, sample_frame_times
 from molmo2_jax.data.tfds_builder import EVAL_SPLIT, TRAIN_SPLIT, data_source, dataset_dir
-from molmo2_jax.grounding import format_points, parse, parse_count
+from molmo2_jax.grounding import parse, parse_count
 from molmo2_jax.preprocessing import Molmo2Processor
 
 CONFIG = dataclasses.replace(SMALL, num_train=300)
@@ -117,26 +117,25 @@ def test_tokenizer_dir_loads_and_gives_a_model_config(synthetic_root):
     assert config.text.embedding_rows > max(settings["tokens"][k] for k in ("video_prompt", "frame_end"))
 
 
-@pytest.mark.parametrize("task", ["point", "count", "track", "video_count"])
-def test_score_accepts_the_true_answer_and_rejects_wrong_ones(task):
-    from molmo2_jax.data.synthetic import make_example, score
+def test_masks_are_the_drawn_pixels_of_each_object():
+    from molmo2_jax.data.synthetic import BACKGROUNDS, make_example, render_frames
+    from molmo2_jax.evaluation.masks import decode_rle
 
-    for index in (i for i in range(CONFIG.num_train) if make_spec(CONFIG, "train", i)["task"] == task):
+    checked = 0
+    for index in range(12):
         spec = make_spec(CONFIG, "train", index)
-        if spec["count"]:
-            break
-    truth = json.loads(make_example(CONFIG, "train", index)["truth"])
-    answer = spec["messages"][1]["content"]
-    assert all(score(task, answer, truth).values())
-    assert not score(task, "There are none.", truth)["points_correct"]
-    if task == "track":  # a track that stops after its first frame
-        wrong = answer.split(";")[0] + '">x</tracks>'
-    else:  # every point moved by 8% of the image diagonal
-        (g,) = parse(answer, **({"video_size": SIZE} if task == "video_count" else {"image_sizes": [SIZE]}))
-        moved = [dataclasses.replace(p, x=min(p.x + 0.08 * SIZE[0] * 1.414, SIZE[0]), id=0) for p in g.points]
-        wrong = format_points(g.label, moved, **({"video_size": SIZE} if task == "video_count" else
-                                                {"image_sizes": [SIZE]}))
-    assert not score(task, wrong, truth)["points_correct"]
+        truth = json.loads(make_example(CONFIG, "train", index)["truth"])
+        frames = render_frames(CONFIG, spec)
+        assert len(truth["masks"]) == len(spec["objects"])
+        for f, frame in enumerate(frames):
+            masks = np.array([decode_rle(m[f]) for m in truth["masks"]], dtype=bool).reshape(-1, *frame.shape[:2])
+            background = np.all(frame == BACKGROUNDS[spec["background"]], axis=-1)
+            np.testing.assert_array_equal(masks.any(0), ~background)  # together: every drawn pixel, no other
+            if not spec["video"]:  # images: objects do not overlap, so each mask holds its colour only
+                for o, mask in zip(spec["objects"], masks):
+                    assert mask.any() and np.all(frame[mask] == COLORS[o["color"]])
+                    checked += 1
+    assert checked > 0
 
 
 @pytest.mark.parametrize("crop_size", [112, 130])

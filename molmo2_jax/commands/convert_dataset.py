@@ -14,10 +14,12 @@ HELP = "turn a released Molmo2 / PixMo dataset (local parquet / JSON + media dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", required=True,
-                        help="pixmo-points, pixmo-count, molmo2-videopoint, molmo2-videotrack, molmo2-humanqa or "
-                             "molmo2-capqa")
+                        help="pixmo-points, pixmo-count, molmo2-videopoint, molmo2-videotrack, "
+                             "molmo2-track-instruction, molmo2-humanqa, molmo2-capqa, molmo2-cap, "
+                             "molmo2-multiimagepoint, molmo2-multiimageqa or molmo2-synmultiimageqa")
     parser.add_argument("--data", required=True, help="a .parquet / .json / .jsonl file or a directory of them")
-    parser.add_argument("--media", required=True, help="directory holding the images / videos")
+    parser.add_argument("--media", required=True,
+                        help="directory holding the images / videos (molmo2-synmultiimageqa writes its images there)")
     parser.add_argument("--style", default="point", help="point or count: the task of point annotations")
     parser.add_argument("--out", required=True, help="the manifest to write (.jsonl)")
 

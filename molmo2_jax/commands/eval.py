@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from molmo2_jax.errors import Molmo2Error
+from molmo2_jax.evaluation import answering
 
 HELP = "answer a released eval set with a checkpoint (resumable) and score it with the official metrics"
 
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--media", help="directory of its images / videos")
     parser.add_argument("--out", required=True, help="output directory (predictions.jsonl, metrics.json)")
     parser.add_argument("--max-new-tokens", type=int, default=448)
+    parser.add_argument("--batch-size", type=int, default=8, help="questions answered by one generate call")
+    parser.add_argument("--mesh", help="shard the model and each batch over this process's devices, e.g. data=4 "
+                                       "or fsdp=2,tensor=2 (default: one device)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 of a multi-host run")
@@ -68,29 +72,12 @@ class Progress:
     def __init__(self, total: int, done: int):
         self.total, self.done, self.new, self.start = total, done, 0, time.perf_counter()
 
-    def step(self) -> None:
-        self.done, self.new = self.done + 1, self.new + 1
+    def step(self, n: int = 1) -> None:
+        self.done, self.new = self.done + n, self.new + n
         rate = self.new / (time.perf_counter() - self.start)
         filled = int(30 * self.done / max(self.total, 1))
         print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {rate:.2f} examples/s",
               end="\n" if self.done == self.total else "", file=sys.stderr, flush=True)
-
-
-def _ask(model, processor, example, task: str, max_new_tokens: int) -> str:
-    from molmo2_jax.preprocessing import decode_video, load_image
-
-    images = [load_image(str(example.image))] if example.image else []
-    video = None
-    if example.video:
-        cfg = processor.video_config
-        video = decode_video(str(example.video), num_frames=cfg.num_frames,
-                             max_fps=VIDEO_FPS.get(task, cfg.max_fps), resize_to=cfg.size)
-    content = [{"type": "image"} for _ in images] + [{"type": "video"}] * bool(video) + [
-        {"type": "text", "text": example.question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}])
-    inputs = processor(prompt, images=images or None, videos=[video] if video else None,
-                       max_crops=MAX_CROPS if images else None)
-    return model.generate(inputs, max_new_tokens=max_new_tokens, tokenizer=processor.tokenizer).texts[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
     from molmo2_jax.evaluation import metrics
     from molmo2_jax.evaluation.datasets import read_examples
     from molmo2_jax.preprocessing import Molmo2Processor
+    from molmo2_jax.sharding import make_mesh
 
     if args.task not in metrics.TASKS:
         raise Molmo2Error(f"unknown task {args.task!r}; choose one of {', '.join(metrics.TASKS)}")
+    if args.batch_size < 1:
+        raise Molmo2Error(f"--batch-size must be at least 1, got {args.batch_size}")
     if not Path(args.checkpoint).is_dir():
         raise Molmo2Error(f"--checkpoint {args.checkpoint}: directory not found")
     examples, skipped = read_examples(args.task, args.data, args.media, log=lambda line: print(line, file=sys.stderr))
@@ -123,15 +113,17 @@ def run(args: argparse.Namespace) -> int:
     todo = [e for e in mine if e.id not in done]
     if todo:
         processor = Molmo2Processor.from_pretrained(args.checkpoint)
-        model = molmo2_jax.load(args.checkpoint, dtype=args.dtype)
+        mesh = make_mesh(args.mesh, devices=jax.local_devices()) if args.mesh else None
+        model = molmo2_jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
         progress = Progress(len(mine), len(mine) - len(todo))
         with path.open("a") as f:
-            for example in todo:
-                text = _ask(model, processor, example, args.task, args.max_new_tokens)
-                f.write(json.dumps({"id": example.id, "prediction": text}) + "\n")
-                f.flush()  # a kill loses at most the example being answered
-                done[example.id] = text
-                progress.step()
+            for batch in answering.batches(todo, args.batch_size):
+                texts = answering.answer(model, processor, batch, max_new_tokens=args.max_new_tokens,
+                                         max_crops=MAX_CROPS, video_fps=VIDEO_FPS.get(args.task))
+                f.write("".join(json.dumps({"id": e.id, "prediction": t}) + "\n" for e, t in zip(batch, texts)))
+                f.flush()  # a kill loses at most the batch being answered
+                done.update((e.id, t) for e, t in zip(batch, texts))
+                progress.step(len(batch))
     if processes > 1:
         from jax.experimental import multihost_utils
 

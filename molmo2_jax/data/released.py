@@ -6,13 +6,23 @@ manifest records (docs/data.md) the data pipeline reads.
     pixmo-count          image_url/image_sha256, label, count, points {x: [..], y: [..]} on 0..100
     molmo2-videopoint    video_id, question, label, count, points per two_fps_timestamps on 0..100
     molmo2-videotrack    id, clip, fps, w, h, exp, mask_id, points [{object_id, points: [[x, y] | null]}]
+    molmo2-track-instruction  clip/video, fps, sampling_fps, expression, mask_id, frame_trajectories
+                         [{frame, time, points: [{id, point, occluded}]}] (molmo2-track-instruction)
     molmo2-humanqa       video_id, question, answer (Molmo2-AskModelAnything)       -> one conversation a video
     molmo2-capqa         video_id, Question, Answer, NegativeAnswers (Molmo2-VideoCapQA) -> likewise
+    molmo2-cap           video_id, video_caption, video_frame_merged_caption / merged_caption,
+                         annotation_score (Molmo2-Cap)                              -> short and long caption
+    molmo2-multiimagepoint  image_sha256s/image_urls (or images), labels, points per image on 0..100
+                         (Molmo2-MultiImagePoint)                                   -> a turn per label
+    molmo2-multiimageqa  image_urls (or image), qa_pairs {question, answer} (Molmo2-MultiImageQA)
+    molmo2-synmultiimageqa  id, images (embedded), qa_pairs {question, explanation, answer}
+                         (Molmo2-SynMultiImageQA; the images are written to the media directory)
 
 Images are found in the media directory by the row's `image` path, its sha256 (a file named
 `<sha256>` with any extension, as Ai2's download script saves them) or its URL's file name; videos
 as `<video_id>.*` or `<clip>.*`. Prompts are the first of the official template list of each task
 (the official pipeline samples one). A row that cannot be used is skipped with its id and the reason.
+Molmo2-VideoSubtitleQA is not read: its subtitles go between the frames, which a manifest cannot say.
 """
 
 from __future__ import annotations
@@ -109,6 +119,118 @@ def molmo2_videotrack(row: dict, media: Path, style: str, sampling_fps: int = 2)
         {"role": "assistant", "label": row["exp"], "tracks": tracks}]}
 
 
+def molmo2_track_instruction(row: dict, media: Path, style: str) -> dict:
+    """Tracks from precomputed `frame_trajectories` (pixels at `time` seconds); occluded points are left out
+    and objects are numbered in `mask_id` order from 1."""
+    number = {str(object_id): n for n, object_id in enumerate(row["mask_id"], 1)}
+    tracks: dict[int, list[dict]] = {}
+    for frame in sorted(row["frame_trajectories"], key=lambda f: f["frame"]):
+        for p in frame["points"]:
+            if str(p["id"]) not in number:
+                raise RowError(f"point of object {p['id']}, which mask_id does not list")
+            if not p.get("occluded") and p.get("point") is not None:
+                x, y = p["point"]
+                tracks.setdefault(number[str(p["id"])], []).append({"t": frame["time"], "x": x, "y": y})
+    return {"video": str(_find(media, row.get("clip"), row.get("video"))), "messages": [
+        {"role": "user", "content": f"Track {row['expression']} in {row['sampling_fps']} FPS."},
+        {"role": "assistant", "label": row["expression"],
+         "tracks": [{"id": n, "points": points} for n, points in sorted(tracks.items())]}]}
+
+
+def molmo2_cap(row: dict, media: Path, style: str, min_score: float = 3) -> dict:
+    """The short caption and the long one (the frame-merged caption, else the merged one) of a video, as the
+    official training mixes them (rows scored below 3 are left out, as there)."""
+    if row.get("annotation_score") is not None and row["annotation_score"] < min_score:
+        raise RowError(f"annotation_score {row['annotation_score']} is below {min_score}")
+    messages = []
+    for question, caption in (("Caption the video with 1 or two sentences", row.get("video_caption")),
+                              ("Describe this video.",
+                               row.get("video_frame_merged_caption") or row.get("merged_caption"))):
+        if caption and caption.strip():
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": caption.strip()}]
+    if not messages:
+        raise RowError("no caption")
+    return {"video": str(_find(media, row["video_id"])), "messages": messages}
+
+
+def _images(row: dict, media: Path) -> list[str]:
+    """A multi-image row's image files: its `images` / `image` paths, else by sha256, else by URL."""
+    local = row.get("images") or row.get("image")
+    if isinstance(local, list) and all(isinstance(p, str) for p in local):
+        return [str(_find(media, p)) for p in local]
+    urls, shas = list(row.get("image_urls") or []), list(row.get("image_sha256s") or [])
+    if not urls and not shas:
+        raise RowError("no images, image_urls or image_sha256s")
+    if urls and shas and len(urls) != len(shas):
+        raise RowError(f"{len(shas)} sha256s but {len(urls)} urls")
+    count = max(len(urls), len(shas))
+    urls, shas = urls or [None] * count, shas or [None] * count
+    return [str(_find(media, sha, Path(url).name if url else None)) for sha, url in zip(shas, urls)]
+
+
+def molmo2_multiimagepoint(row: dict, media: Path, style: str) -> dict:
+    """A group of images: a turn per label (in order of first appearance) pointing at, or counting, its objects
+    in all the images, each point with its image's index."""
+    images = _images(row, media)
+    labels, points = row["labels"], row["points"]
+    keys = row.get("normalized_labels") or labels  # the official grouping key; `labels` are the readable ones
+    if not len(images) == len(labels) == len(points) == len(keys):
+        raise RowError(f"{len(images)} images, {len(labels)} labels and {len(points)} point lists should be as many")
+    messages = []
+    for key in dict.fromkeys(keys):
+        label = labels[keys.index(key)]
+        question = (f"How many {label} are there in all images?" if style == "count" else
+                    f"Find {label} in all images.")
+        found = [{"x": 10 * p["x"], "y": 10 * p["y"], "image": i}
+                 for i, (k, image_points) in enumerate(zip(keys, points)) if k == key for p in image_points or []]
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "label": label, "format": "count" if style == "count" else "points",
+                      "units": "normalized", "points": found}]
+    return {"images": images, "messages": messages}
+
+
+def molmo2_multiimageqa(row: dict, media: Path, style: str) -> dict:
+    """An image set's question-answer pairs as one conversation; sets of one image are left out, as by the
+    official loader."""
+    images = _images(row, media)
+    if len(images) < 2:
+        raise RowError("a single image (the official loader takes sets of 2 or more)")
+    pairs = row["qa_pairs"]
+    messages = [m for q, a in zip(pairs["question"], pairs["answer"])
+                for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    if not messages:
+        raise RowError("no question")
+    return {"images": images, "messages": messages}
+
+
+def molmo2_synmultiimageqa(row: dict, media: Path, style: str, max_images: int = 5) -> dict:
+    """A synthetic multi-page document's questions with the reasoning, as the official training asks them
+    ("... Provide reasoning steps and then give the short answer." -> "<explanation> Answer: <answer>").
+    Its embedded images are written to the media directory as `<id>-<n>.<ext>` (kept when already there);
+    documents of more than 5 pages are left out, as by the official loader."""
+    images = row["images"]
+    if len(images) > max_images:
+        raise RowError(f"{len(images)} images; the official loader takes at most {max_images}")
+    paths = []
+    for n, image in enumerate(images):
+        if not isinstance(image, dict) or not image.get("bytes"):
+            raise RowError(f"image {n} is not embedded ({{'bytes': ...}})")
+        suffix = Path(image.get("path") or "").suffix or ".png"
+        path = media / f"{row['id']}-{n}{suffix}"
+        if not path.is_file():
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(image["bytes"])
+            tmp.replace(path)
+        paths.append(str(path))
+    pairs = row["qa_pairs"]
+    messages = [m for q, e, a in zip(pairs["question"], pairs["explanation"], pairs["answer"])
+                for m in ({"role": "user", "content": f"{q} Provide reasoning steps and then give the short answer."},
+                          {"role": "assistant", "content": f"{e} Answer: {a}" if e else a})]
+    if not messages:
+        raise RowError("no question")
+    return {"images": paths, "messages": messages}
+
+
 def molmo2_humanqa(rows: list[dict], media: Path, style: str) -> dict:
     """All of a video's human QA pairs as one conversation; pairs with an empty answer are dropped."""
     messages = []
@@ -146,8 +268,14 @@ READERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "pixmo-count": (pixmo_count, ("label", "count", "points")),
     "molmo2-videopoint": (molmo2_videopoint, ("video_id", "label", "points", "two_fps_timestamps", "video_duration")),
     "molmo2-videotrack": (molmo2_videotrack, ("clip", "fps", "exp", "points")),
+    "molmo2-track-instruction": (molmo2_track_instruction, ("fps", "sampling_fps", "expression", "mask_id",
+                                                            "frame_trajectories")),
     "molmo2-humanqa": (molmo2_humanqa, ("video_id", "question", "answer")),
     "molmo2-capqa": (molmo2_capqa, ("video_id", "Question", "Answer", "NegativeAnswers")),
+    "molmo2-cap": (molmo2_cap, ("video_id", "video_caption")),
+    "molmo2-multiimagepoint": (molmo2_multiimagepoint, ("labels", "points")),
+    "molmo2-multiimageqa": (molmo2_multiimageqa, ("qa_pairs",)),
+    "molmo2-synmultiimageqa": (molmo2_synmultiimageqa, ("id", "images", "qa_pairs")),
 }
 # Schemas whose rows are grouped by video into one multi-turn example, as the official loaders do
 BY_VIDEO = {"molmo2-humanqa", "molmo2-capqa"}

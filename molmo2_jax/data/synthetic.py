@@ -28,6 +28,8 @@ BACKGROUNDS = {"white": (255, 255, 255), "gray": (128, 128, 128), "black": (0, 0
 SHAPES = ("circle", "square", "triangle", "diamond")
 IMAGE_TASKS = ("point", "count", "caption", "qa")
 VIDEO_TASKS = ("track", "video_count")
+# Bumped when a record's contents change, so that `build-synthetic --reuse` rebuilds an older set (2: masks).
+RECORD_VERSION = 2
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -207,10 +209,13 @@ def make_spec(config: SyntheticConfig, split: str, index: int) -> dict[str, Any]
     }
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: Obj, frame: int) -> None:
+def _objects(spec: dict[str, Any]) -> list[Obj]:
+    return [Obj(o["shape"], o["color"], o["size"], [tuple(p) for p in o["track"]]) for o in spec["objects"]]
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, frame: int, fill) -> None:
     x, y = o.track[frame]
     r = o.size / 2
-    fill = COLORS[o.color]
     if o.shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif o.shape == "square":
@@ -223,15 +228,42 @@ def _draw(draw: ImageDraw.ImageDraw, o: Obj, frame: int) -> None:
 
 def render_frames(config: SyntheticConfig, spec: dict[str, Any]) -> np.ndarray:
     """`[F, H, W, 3]` uint8 frames of a spec (F = 1 for images)."""
-    objs = [Obj(o["shape"], o["color"], o["size"], [tuple(p) for p in o["track"]]) for o in spec["objects"]]
+    objs = _objects(spec)
     n = config.video_frames if spec["video"] else 1
     out = np.empty((n, config.image_size, config.image_size, 3), np.uint8)
     for f in range(n):
         img = Image.new("RGB", (config.image_size, config.image_size), BACKGROUNDS[spec["background"]])
         draw = ImageDraw.Draw(img)
         for o in objs:
-            _draw(draw, o, f)
+            _draw(draw, o, f, COLORS[o.color])
         out[f] = np.asarray(img)
+    return out
+
+
+def rle(mask: np.ndarray) -> dict[str, Any]:
+    """A [H, W] mask as an uncompressed COCO RLE, as pycocotools reads it: alternating run lengths of 0s and
+    1s (starting with 0s) over the pixels in column-major order."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0] + runs
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": runs}
+
+
+def object_masks(config: SyntheticConfig, spec: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """Each object's mask in each frame (`rle`), the whole shape even where another object covers part of it
+    (moving objects may overlap)."""
+    n = config.video_frames if spec["video"] else 1
+    out = []
+    for o in _objects(spec):
+        per_frame = []
+        for f in range(n):
+            img = Image.new("L", (config.image_size, config.image_size), 0)
+            _draw(ImageDraw.Draw(img), o, f, 1)
+            per_frame.append(rle(np.asarray(img)))
+        out.append(per_frame)
     return out
 
 
@@ -260,11 +292,17 @@ def encode_video(frames: np.ndarray, fps: float) -> bytes:
 
 
 def make_example(config: SyntheticConfig, split: str, index: int) -> dict[str, Any]:
-    """A dataset record: id, task, encoded media, messages (JSON) and the ground truth (JSON)."""
+    """A dataset record: id, task, encoded media, messages (JSON) and the ground truth (JSON): the objects
+    (shape, colour, size, centre per frame), their masks per frame (`object_masks`), the asked-about label and
+    count, the image size (w, h), the video frame rate and, for videos, `sample_frame_times`."""
     spec = make_spec(config, split, index)
     frames = render_frames(config, spec)
     truth = {k: spec[k] for k in ("objects", "label", "count", "background")}
-    truth.update(size=[config.image_size, config.image_size], fps=config.video_fps)
+    truth.update(size=[config.image_size, config.image_size], fps=config.video_fps,
+                 masks=object_masks(config, spec))
+    if spec["video"]:  # the times a video's answer names, and the frame on screen at each
+        times, shown = sample_frame_times(config)
+        truth.update(frame_times=times.tolist(), frames=shown.tolist())
     return {
         "id": spec["id"], "task": spec["task"],
         "images": [] if spec["video"] else [encode_png(frames[0])],
@@ -283,50 +321,3 @@ def corpus(config: SyntheticConfig, split: str = "train") -> list[str]:
     texts.append(" ".join(f"{t:.1f}" for t in np.arange(0, 60, 0.5)))
     texts.append(" ".join(f"Image {i}" for i in range(1, 10)))
     return texts
-
-
-def score(task: str, answer: str, truth: dict[str, Any], tolerance: float = 0.05) -> dict[str, bool]:
-    """Grade a model answer against an example's ground truth (`truth` as stored, parsed from JSON).
-
-    `count_exact`: the stated count equals the true count (count tasks). `points_correct`: as many points
-    (tracks) as objects, and a one-to-one matching (greedy, nearest first) puts each point within
-    `tolerance` x the image diagonal of its object's centre (for tracks: at every frame, the track covering
-    every frame).
-    """
-    from molmo2_jax.grounding import parse, parse_count
-
-    width, height = truth["size"]
-    limit = tolerance * math.hypot(width, height)
-    targets = [o["track"] for o in truth["objects"] if f"{o['color']} {o['shape']}s" == truth["label"]]
-    out: dict[str, bool] = {}
-    if task in ("count", "video_count"):
-        out["count_exact"] = parse_count(answer) == truth["count"]
-    if task in ("point", "count", "video_count", "track"):
-        found = parse(answer, video_size=(width, height)) if task in VIDEO_TASKS else parse(
-            answer, image_sizes=[(width, height)])
-        if task == "track":  # (frame, x, y) per visible frame of each track
-            fps = truth["fps"]
-            predicted = [[(min(int(t * fps + 1e-6), len(targets[0]) - 1) if targets else 0, x, y)
-                          for t, x, y in track.points] for track in (found[0].tracks if found else [])]
-        else:
-            predicted = [[(0, p.x, p.y)] for p in (found[0].points if found else [])]
-        out["points_correct"] = len(predicted) == len(targets) and _matched(predicted, targets, limit,
-                                                                             whole_track=task == "track")
-    return out
-
-
-def _matched(predicted: list[list[tuple[int, float, float]]], targets: list[list[tuple[float, float]]],
-             limit: float, whole_track: bool) -> bool:
-    """Whether a greedy nearest-first one-to-one matching puts every predicted point within `limit` of its
-    target's centre in the same frame (with `whole_track`, each prediction covering all the target's frames)."""
-    def distance(points, track):
-        if {f for f, _, _ in points} != set(range(len(track) if whole_track else 1)):
-            return math.inf
-        return max(math.hypot(x - track[f][0], y - track[f][1]) for f, x, y in points)
-    pairs = sorted((distance(p, t), i, j) for i, p in enumerate(predicted) for j, t in enumerate(targets))
-    used_p, used_t = set(), set()
-    for d, i, j in pairs:
-        if i not in used_p and j not in used_t and d <= limit:
-            used_p.add(i)
-            used_t.add(j)
-    return len(used_t) == len(targets)

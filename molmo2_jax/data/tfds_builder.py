@@ -44,7 +44,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                 "images": tfds.features.Tensor(shape=(None,), dtype=np.object_),  # PNG bytes per image
                 "video": _bytes(),  # MPEG-4 bytes, b"" for image examples
                 "messages": _bytes(),  # JSON list of {"role", "content"}
-                "truth": _bytes(),  # JSON: objects with their per-frame centres, label, count, size
+                "truth": _bytes(),  # JSON: objects with their per-frame centres and masks, label, count, size
             }),
             metadata=tfds.core.MetadataDict(synthetic_config=self.synthetic.to_json()),
         )
@@ -99,7 +99,7 @@ def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConf
 
     from molmo2_jax.data.errors import DataError
     from molmo2_jax.data.spm import processor_files, train_sentencepiece, write_tokenizer_dir
-    from molmo2_jax.data.synthetic import corpus
+    from molmo2_jax.data.synthetic import RECORD_VERSION, corpus
     from molmo2_jax.preprocessing.image import ImageConfig
 
     try:
@@ -111,7 +111,8 @@ def build_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConf
         raise DataError(f"{out} exists and is not a directory; choose another --out")
     processor = {"crop_size": crop_size, "max_crops": max_crops, "num_frames": max(16, config.video_frames + 1)}
     settings = {**json.loads(config.to_json()), "vocab_size": vocab_size, "crop_size": crop_size,
-                "max_crops": max_crops, "processor_files": processor_files(**processor)}
+                "max_crops": max_crops, "processor_files": processor_files(**processor),
+                "record_version": RECORD_VERSION}
     if reuse and (out / SETTINGS_FILE).is_file():
         built = json.loads((out / SETTINGS_FILE).read_text())
         if built == settings:

@@ -8,9 +8,9 @@ giving the truths the metrics take. One reader per scoring task:
     video_pointing  allenai/Molmo2-VideoPointEval points (px), masks [{frame_id, rle}], two_fps_timestamps
     tracking        allenai/Molmo2-VideoTrackEval fps, w, h, mask_id, points, masks
 
-An example's id is the row's `id` (or `example_id`), else its 0-based row index. A row that cannot
-be used is skipped with its id and the reason; a file in another schema is an error naming the
-missing fields.
+The synthetic set (`evaluation.synthetic`) is read too. An example's id is the row's `id` (or
+`example_id`), else its 0-based row index. A row that cannot be used is skipped with its id and the
+reason; a file in another schema is an error naming the missing fields.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ class MaskSizeError(Molmo2Error):
 @dataclass
 class Example:
     """One evaluation example: its truth for the metrics and, when the media directory has them, the
-    question and media a model is asked (`eval`)."""
+    question and media (a file or its bytes) a model is asked (`eval`)."""
 
     id: str
     truth: Any
     question: str = ""
-    image: Path | None = None
-    video: Path | None = None
+    image: Path | bytes | None = None
+    video: Path | bytes | None = None
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -233,9 +233,17 @@ def _prompt(task: str, row: dict, media: Path | None, sampling_fps: int) -> tupl
 
 def read_examples(task: str, data: str | Path, media: str | Path | None = None, *, sampling_fps: int = 1,
                   log: Callable[[str], None] | None = print) -> tuple[list[Example], list[tuple[str, str]]]:
-    """The task's examples from the data file, and (id, reason) of the rows skipped."""
+    """The task's examples from the data file, and (id, reason) of the rows skipped. `data` may also be a
+    synthetic set (`molmo2-jax build-synthetic`): its validation split's examples of the task."""
     if task not in REQUIRED:
         raise DatasetError(f"unknown task {task!r}; choose one of {', '.join(REQUIRED)}")
+    from . import synthetic
+
+    if synthetic.is_synthetic(data):
+        if task not in synthetic.TASKS.values():
+            raise DatasetError(f"{data}: a synthetic set has no {task} examples; its tasks are "
+                               f"{', '.join(synthetic.TASKS.values())}")
+        return synthetic.read_examples(data)[task], []
     rows = read_rows(data)
     if rows:
         missing = [f for f in REQUIRED[task] if f not in rows[0]]

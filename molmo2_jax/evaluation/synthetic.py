@@ -1,105 +1,89 @@
-"""Grounding evaluation on held-out synthetic examples: generate an answer for each question and score
-pointing, counting and tracking against the ground truth.
+"""The synthetic grounding set's held-out split as evaluation examples for the official metrics, so that it
+is answered (`answering`) and scored (`metrics.score`) exactly as the released sets are by `molmo2-jax eval`
+and `score` (`datasets.read_examples` reads a synthetic set directory too).
 
-- pointing accuracy: the share of predicted points (point task) that lie within `tolerance` x the image
-  diagonal of a true object, each object matched at most once; recall and the share of examples with every
-  object found and no extra point are reported beside it;
-- counting exact match: the stated count equals the true count (image and video counting);
-- tracking accuracy: the share of track examples whose every track stays within the tolerance in every frame.
+    point        -> pointing     the asked-about objects' centres and masks
+    count        -> count        the true count (an answer's count is its number of points)
+    video_count  -> video_count  the true count, category "object" (the count is "a total of N"; officially
+                                 "There are none." is no number, so a right answer to a zero count scores 0)
+    track        -> tracking     each asked-about object's position and mask on every frame the answer names
+
+Captioning and yes/no examples have no official metric and are left out.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
-from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from molmo2_jax.data.synthetic import score
-from molmo2_jax.grounding import parse
+from . import metrics
+from .datasets import DatasetError, Example
+from .masks import decode_rle
+
+TASKS = {"point": "pointing", "count": "count", "video_count": "video_count", "track": "tracking"}
 
 
-def answer(model, processor, record: dict[str, Any], max_new_tokens: int) -> str:
-    """The model's greedy answer to the question of one synthetic record."""
-    from molmo2_jax.preprocessing import load_image
-
-    question = json.loads(record["messages"])[0]["content"]
-    images = [load_image(bytes(png)) for png in record["images"]]
-    video = bytes(record["video"]) or None
-    content = [{"type": "image"} for _ in images] + [{"type": "video"}] * bool(video) + [
-        {"type": "text", "text": question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}])
-    inputs = processor(prompt, images=images or None, videos=[video] if video else None)
-    result = model.generate(inputs, max_new_tokens=max_new_tokens, tokenizer=processor.tokenizer)
-    return result.texts[0]
+def is_synthetic(path: str | Path) -> bool:
+    """Whether `path` is a directory written by `molmo2-jax build-synthetic` (checked without importing
+    TFDS: the dataset sits in its `synthetic_shapes/` directory)."""
+    return (Path(path) / "synthetic_shapes").is_dir()
 
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def point_matches(answer_text: str, truth: dict[str, Any], tolerance: float = 0.05) -> tuple[int, int, int]:
-    """(matched, predicted, true) points of a point answer; nearest pairs are matched first."""
+def _truth(task: str, truth: dict[str, Any]) -> Any:
     width, height = truth["size"]
-    limit = tolerance * math.hypot(width, height)
-    found = parse(answer_text, image_sizes=[(width, height)])
-    predicted = [(p.x, p.y) for g in found for p in g.points]
-    targets = [o["track"][0] for o in truth["objects"] if f"{o['color']} {o['shape']}s" == truth["label"]]
-    pairs = sorted((math.dist(p, t), i, j) for i, p in enumerate(predicted) for j, t in enumerate(targets))
-    used_p, used_t = set(), set()
-    for distance, i, j in pairs:
-        if distance <= limit and i not in used_p and j not in used_t:
-            used_p.add(i)
-            used_t.add(j)
-    return len(used_p), len(predicted), len(targets)
+    targets = [i for i, o in enumerate(truth["objects"]) if f"{o['color']} {o['shape']}s" == truth["label"]]
+    if task == "pointing":
+        points = np.array([truth["objects"][i]["track"][0] for i in targets], dtype=float).reshape(-1, 2)
+        masks = np.zeros((len(targets), height, width), dtype=bool)
+        for n, i in enumerate(targets):
+            masks[n] = decode_rle(truth["masks"][i][0])
+        return metrics.PointingTruth(points, masks, (width, height))
+    if task == "count":
+        return truth["count"]
+    if task == "video_count":
+        return truth["count"], "object"
+    # tracking: the scorer puts a point named at time t on frame round(t * fps); the truth there is the
+    # object on the frame shown at t (the last time of a clip can be past its last frame)
+    fps = truth["fps"]
+    at = {round(t * fps): f for t, f in zip(truth["frame_times"], truth["frames"])}
+    frames = [(k, {n: tuple(truth["objects"][i]["track"][f]) for n, i in enumerate(targets)})
+              for k, f in sorted(at.items())]
+    masks = {n: [truth["masks"][i][at[k]] if k in at else None for k in range(max(at) + 1)]
+             for n, i in enumerate(targets)}
+    return metrics.TrackTruth(frames, masks, width, height, fps)
 
 
-def evaluate(model, processor, records: Iterable[dict[str, Any]], *, max_new_tokens: int = 160,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Metrics over `records` (decoded synthetic dataset records) and the per-example answers."""
-    matched = predicted = true = 0
-    exact_points, counts, tracks, examples = [], [], [], []
-    start = time.perf_counter()
-    for n, record in enumerate(records, 1):
-        task, truth = _text(record["task"]), json.loads(record["truth"])
-        text = answer(model, processor, record, max_new_tokens)
-        graded = score(task, text, truth)
-        if task == "point":
-            m, p, t = point_matches(text, truth)
-            matched, predicted, true = matched + m, predicted + p, true + t
-            exact_points.append(graded["points_correct"])
-        if "count_exact" in graded:
-            counts.append(graded["count_exact"])
-        if task == "track":
-            tracks.append(graded["points_correct"])
-        examples.append({"id": _text(record["id"]), "task": task, "answer": text, **graded})
-        if log and n % 25 == 0:
-            log(f"  {n} examples answered ({n / (time.perf_counter() - start):.1f}/s)")
-    share = lambda xs: float(np.mean(xs)) if xs else float("nan")
-    return {
-        "pointing_accuracy": matched / predicted if predicted else 0.0,
-        "pointing_recall": matched / true if true else float("nan"),
-        "pointing_exact": share(exact_points),
-        "counting_exact_match": share(counts),
-        "tracking_accuracy": share(tracks),
-        "examples": {"point": len(exact_points), "count": len(counts), "track": len(tracks)},
-        "answers": examples,
-    }
+def example(record: dict[str, Any]) -> tuple[str, Example] | None:
+    """(official task, example) of a synthetic dataset record; None for a task without an official metric."""
+    task = TASKS.get(_text(record["task"]))
+    if task is None:
+        return None
+    question = json.loads(record["messages"])[0]["content"]
+    images = [bytes(png) for png in record["images"]]
+    video = bytes(record["video"]) or None
+    return task, Example(_text(record["id"]), _truth(task, json.loads(record["truth"])), question,
+                         images[0] if images else None, video)
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table with one column per evaluated model."""
-    rows = [("pointing accuracy (point precision)", "pointing_accuracy"), ("pointing recall", "pointing_recall"),
-            ("pointing, every object exact (incl. 'none' answers)", "pointing_exact"),
-            ("counting exact match", "counting_exact_match"),
-            ("tracking accuracy", "tracking_accuracy")]
-    names = list(results)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(f"{100 * results[n][key]:.1f}%" for n in names) + " |")
-    counts = next(iter(results.values()))["examples"]
-    lines.append(f"\n({counts['point']} pointing, {counts['count']} counting, {counts['track']} tracking examples)")
-    return "\n".join(lines)
+def read_examples(data: str | Path, split: str = "validation", limit: int | None = None) -> dict[str, list[Example]]:
+    """The examples of each official task among the first `limit` records (default: all) of a split."""
+    from molmo2_jax.data.tfds_builder import data_source, dataset_dir
+
+    source = data_source(dataset_dir(data), split)
+    out: dict[str, list[Example]] = {task: [] for task in TASKS.values()}
+    for i in range(min(len(source), len(source) if limit is None else limit)):
+        record = source[i]
+        if "masks" not in json.loads(record["truth"]):
+            raise DatasetError(f"{data}: built by an older version without object masks; build it again "
+                               "(molmo2-jax build-synthetic --overwrite)")
+        found = example(record)
+        if found is not None:
+            out[found[0]].append(found[1])
+    return out
