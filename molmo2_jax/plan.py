@@ -94,6 +94,8 @@ def tpu_target(name: str) -> Target:
     # search (the compile target comes from the topology name)
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # nor does a compile-only client touch a chip: let several plans run at once (else libtpu's lockfile refuses)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # v4 chips hold two TensorCores: JAX runs them as one megacore device
     extra = {"chip_config_name": "megacore"} if name.startswith("v4:") else {}
     try:
