@@ -102,7 +102,7 @@ def tpu_target(name: str) -> Target:
         topo = topologies.get_topology_desc(topology_name=name, platform="tpu", **extra)
     except Exception as e:  # libtpu raises plain runtime errors for names it does not know
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TargetError(f"--target {name!r} is not a TPU topology libtpu knows ({first}); e.g. v5p:4x4x4, "
+        raise TargetError(f"--target {name!r}: libtpu has no such TPU topology ({first}); e.g. v5p:4x4x4, "
                           f"v5e:2x2, v6e:4x4, v4:2x2x1") from None
     return Target(name, tuple(topo.devices), _hbm_bytes(topo.devices[0].device_kind))
 
@@ -352,6 +352,11 @@ def plan(config: Molmo2Config, mesh: Mesh, work: Workload, train: TrainConfig | 
 def _path(config: Molmo2Config, length: int, visual: int | None) -> str:
     if not uses_blockwise(config.attention, length):
         return "dense"
+    if config.attention == "pallas" and visual is not None:
+        from molmo2_jax.model.pallas_attention import tile_rows
+
+        bq, bk = tile_rows(length, config.attention_block_q), tile_rows(length, config.attention_block_kv)
+        return f"Pallas kernel ({bq} x {bk} tiles; memory and FLOPs counted as blockwise)"
     bq, bk = tile_size(length, config.attention_block_q), tile_size(length, config.attention_block_kv)
     return (f"blockwise ({bq} x {bk} tiles, {attention_pairs(config, length, visual) / length**2:.0%} of the "
             f"[T, S] square)")
