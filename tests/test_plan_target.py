@@ -14,7 +14,7 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install 'molmo2-jax[tpu]')")
 # the tiny model with a 131,072-token vocabulary: embedding and lm_head large enough for the GiB columns to mean
 # something, still a quick compile
-WIDE_TINY = ["--model", "tiny", "text.vocab_size=131072", "text.hidden_size=1024", "adapter.text_hidden_size=1024"]
+WIDE_TINY = ["text.vocab_size=131072", "text.hidden_size=1024", "adapter.text_hidden_size=1024"]
 
 
 def _error(proc) -> str:
@@ -26,8 +26,8 @@ def _error(proc) -> str:
 @needs_libtpu
 @pytest.mark.slow
 def test_tiny_step_with_the_pallas_kernel_compiles_for_v5e():
-    proc = _plan(*WIDE_TINY, "--target", "v5e:2x2", "--mesh", "fsdp=2,sequence=2", "--batch", "4", "--seq", "1024",
-                 "--crops", "2", "--tokens", "392", "attention=pallas")
+    proc = _plan("--model", "tiny", "--target", "v5e:2x2", "--mesh", "fsdp=2,sequence=2", "--batch", "4", "--seq",
+                 "1024", "--crops", "2", "--tokens", "392", *WIDE_TINY, "attention=pallas", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "(4 devices, tpu), compiled for v5e:2x2 (TPU v5 lite) by libtpu" in out
@@ -44,8 +44,8 @@ def test_tiny_step_with_the_pallas_kernel_compiles_for_v5e():
 @pytest.mark.slow
 def test_hbm_overflow_is_one_line_with_tpu_figures():
     # fp32 logits, their softmax and gradient over 131,072 tokens for 16 x 1024 tokens per device: ~24 GiB
-    proc = _plan(*WIDE_TINY, "--target", "v5e:2x2", "--mesh", "fsdp=4", "--batch", "64", "--seq", "1024",
-                 "--crops", "2", "--tokens", "392")
+    proc = _plan("--model", "tiny", "--target", "v5e:2x2", "--mesh", "fsdp=4", "--batch", "64", "--seq", "1024",
+                 "--crops", "2", "--tokens", "392", *WIDE_TINY, timeout=1800)
     line = _error(proc)
     assert re.search(r"error: does not fit on v5e:2x2: .*HBM.*\d+(\.\d+)?G", line), line
 
