@@ -181,7 +181,8 @@ class Molmo2Config:
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_PATHS = ("auto", "dense", "blockwise")
+# pallas: the TPU kernel of model/pallas_attention.py where blockwise would run (interpret mode off TPU)
+ATTENTION_PATHS = ("auto", "dense", "blockwise", "pallas")
 
 
 # ----------------------------------------------------------------------------------------------------

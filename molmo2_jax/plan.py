@@ -1,13 +1,16 @@
 """Compile-time plans: lower and compile the real-size training step from abstract shapes (nothing allocated) on
-a mesh of simulated CPU devices, read XLA's per-device memory and FLOP figures, and set them next to an
-analytic estimate (params, gradients, optimizer state, activations kept under the remat policy, the largest
-gathered layer). See docs/plan.md for how to read the two and why they can differ.
+a mesh of simulated CPU devices, or ahead of time for a real TPU topology through libtpu (no TPU needed), read
+XLA's per-device memory and FLOP figures, and set them next to an analytic estimate (params, gradients,
+optimizer state, activations kept under the remat policy, the largest gathered layer). See docs/plan.md for how
+to read the two and why they can differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,12 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from molmo2_jax.config import Molmo2Config
+from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.attention import tile_size, uses_blockwise
 from molmo2_jax.params import flatten, param_shapes
-from molmo2_jax.sharding import MeshError, check_config, describe_mesh
+from molmo2_jax.sharding import MESH_AXES, MeshError, check_config, describe_mesh, mesh_shape
 from molmo2_jax.training.config import TrainConfig
 from molmo2_jax.training.step import make_train_step
 
@@ -58,6 +62,72 @@ def abstract_batch(config: Molmo2Config, work: Workload) -> dict[str, jax.ShapeD
         "target_ids": jax.ShapeDtypeStruct((b, t), i32),
         "loss_weights": jax.ShapeDtypeStruct((b, t), jnp.float32),
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# TPU targets: libtpu compiles for a named topology ahead of time, with no TPU attached
+
+
+class TargetError(Molmo2Error):
+    """A `--target` topology that cannot be compiled for, or a step that does not fit its HBM."""
+
+
+TPU_EXTRA = "pip install 'molmo2-jax[tpu]'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A TPU topology to compile for: its name (`v5p:4x4x4`), devices and per-device HBM (None: unknown)."""
+
+    name: str
+    devices: tuple[Any, ...]
+    hbm_bytes: int | None
+
+
+def tpu_target(name: str) -> Target:
+    """The compile-only devices of the TPU topology `name` (e.g. `v5p:4x4x4`, `v5e:2x2`, `v6e:2x2`, `v4:2x2x1`)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise TargetError(f"--target {name} compiles for TPU through libtpu, which is not installed: {TPU_EXTRA}")
+    from jax.experimental import topologies
+
+    # libtpu looks for the TPU host it runs on and logs warnings when there is none; these only quiet that
+    # search (the compile target comes from the topology name)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # nor does a compile-only client touch a chip: let several plans run at once (else libtpu's lockfile refuses)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # v4 chips hold two TensorCores: JAX runs them as one megacore device
+    extra = {"chip_config_name": "megacore"} if name.startswith("v4:") else {}
+    try:
+        topo = topologies.get_topology_desc(topology_name=name, platform="tpu", **extra)
+    except Exception as e:  # libtpu raises plain runtime errors for names it does not know
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TargetError(f"--target {name!r}: libtpu has no such TPU topology ({first}); e.g. v5p:4x4x4, "
+                          f"v5e:2x2, v6e:4x4, v4:2x2x1") from None
+    return Target(name, tuple(topo.devices), _hbm_bytes(topo.devices[0].device_kind))
+
+
+def _hbm_bytes(device_kind: str) -> int | None:
+    from jax._src.pallas.mosaic import tpu_info  # the chip table Pallas keeps (public: pltpu.get_tpu_info_for_chip)
+
+    chip = tpu_info.chip_version_from_device_kind(device_kind)
+    if chip is None:
+        return None
+    # the table gives HBM per TensorCore; a megacore device (v4, v5p) is both cores of a chip
+    cores = chip.num_physical_tensor_cores_per_chip if chip.supports_megacore else 1
+    return tpu_info.get_tpu_info_for_chip(chip, cores).hbm_capacity_bytes * cores
+
+
+def target_mesh(target: Target, spec: Mapping[str, int]) -> Mesh:
+    """The mesh `spec` over the topology's devices, laid out topology-aware (Auto axes, as sharding.make_mesh)."""
+    from jax.experimental import topologies
+
+    try:
+        shape = mesh_shape(spec, len(target.devices))
+    except MeshError as e:
+        raise MeshError(f"{e} on --target {target.name}") from None
+    devices = topologies.make_mesh(topologies.TopologyDescription(list(target.devices)), shape, MESH_AXES).devices
+    return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,18 +332,31 @@ def model_flops(config: Molmo2Config, work: Workload) -> float:
     return 3.0 * (llm + vit + connector)
 
 
-def plan(config: Molmo2Config, mesh: Mesh, work: Workload, train: TrainConfig | None = None) -> dict[str, Any]:
-    """Compile the step (of `train`, e.g. with a `lora` section) and estimate; everything per device unless
-    named `total`."""
-    figures, abstract = compile_step(config, mesh, work, train)
+def plan(config: Molmo2Config, mesh: Mesh, work: Workload, train: TrainConfig | None = None,
+         target: Target | None = None) -> dict[str, Any]:
+    """Compile the step (of `train`, e.g. with a `lora` section) for `mesh`'s devices (simulated CPU devices or
+    the topology of `target`) and estimate; everything per device unless named `total`. A step that overflows
+    the target's HBM raises TargetError with TPU's figures."""
+    try:
+        figures, abstract = compile_step(config, mesh, work, train)
+    except jax.errors.JaxRuntimeError as e:
+        if target is None or "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        tpu_says = next(line for line in str(e).splitlines() if line.strip()).replace("RESOURCE_EXHAUSTED: ", "")
+        raise TargetError(f"does not fit on {target.name}: {tpu_says}") from None
     return {"compiled": figures, "estimate": estimate(config, mesh, work, abstract),
             "num_params": sum(math.prod(s) for s in param_shapes(config).values()),
-            "model_flops": model_flops(config, work), "devices": mesh.size}
+            "model_flops": model_flops(config, work), "devices": mesh.size, "target": target}
 
 
 def _path(config: Molmo2Config, length: int, visual: int | None) -> str:
     if not uses_blockwise(config.attention, length):
         return "dense"
+    if config.attention == "pallas" and visual is not None:
+        from molmo2_jax.model.pallas_attention import tile_rows
+
+        bq, bk = tile_rows(length, config.attention_block_q), tile_rows(length, config.attention_block_kv)
+        return f"Pallas kernel ({bq} x {bk} tiles; memory and FLOPs counted as blockwise)"
     bq, bk = tile_size(length, config.attention_block_q), tile_size(length, config.attention_block_kv)
     return (f"blockwise ({bq} x {bk} tiles, {attention_pairs(config, length, visual) / length**2:.0%} of the "
             f"[T, S] square)")
@@ -290,15 +373,18 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
     lora = train.lora if train is not None and train.lora.enabled else None
     trained = (f"LoRA rank {lora.rank} on {lora.targets} (adapters float32, base frozen in {config.dtype})"
                if lora else "params float32")
+    target: Target | None = result.get("target")
+    who = "TPU" if target else "XLA"
     lines = [
         f"plan: {name} ({result['num_params']:,} params; compute {config.dtype}, {trained}, remat "
-        f"{config.remat_policy}); mesh {describe_mesh(mesh)}",
+        f"{config.remat_policy}); mesh {describe_mesh(mesh)}"
+        + (f", compiled for {target.name} ({mesh.devices.flat[0].device_kind}) by libtpu" if target else ""),
         f"  batch {work.batch} x seq {work.seq}; per sequence {work.crops} crops, {work.tokens} visual tokens "
         f"({work.pool} patches each)",
         f"  attention: decoder {_path(config, work.seq, work.tokens)}; ViT {_path(config, v.num_patches, None)}",
         f"  lower {c.lower_seconds:.1f} s, compile {c.compile_seconds:.1f} s",
         "",
-        "per device, GiB        XLA  analytic",
+        f"per device, GiB        {who}  analytic",
         f"  arguments       {g(c.argument_bytes)}  {g(e.params + e.opt_state + e.batch)}  params {g(e.params).strip()}"
         f" + optimizer state {g(e.opt_state).strip()} + batch {g(e.batch).strip()}",
         f"  outputs         {g(c.output_bytes)}  {g(e.grads + e.opt_state)}  new state ({g(c.alias_bytes).strip()} "
@@ -309,14 +395,20 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
         f"  peak            {g(c.peak_bytes)}  {g(e.total)}",
         "",
         f"FLOPs per step: analytic {result['model_flops']:.3e} total, {result['model_flops'] / mesh.size:.3e} per "
-        f"device; XLA {c.flops:.3e} per device (counts each scanned layer loop body once)",
+        f"device; {who} {c.flops:.3e} per device (counts each scanned layer loop body once"
+        + ("; Pallas kernels count only what they declare)" if target else ")"),
     ]
+    if target and target.hbm_bytes:
+        # the compiler's own check (an error when it fails) can pass a step whose reported peak exceeds HBM
+        verdict = "fits" if c.peak_bytes <= target.hbm_bytes else "over HBM (compiled, but treat as not fitting)"
+        lines.append(f"{verdict}: {who} peak {c.peak_bytes / GiB:.2f} GiB of {target.hbm_bytes / GiB:.2f} GiB HBM "
+                     f"per device ({c.peak_bytes / target.hbm_bytes:.0%})")
     ratio = c.peak_bytes / max(e.total, 1)
     if not 0.67 <= ratio <= 1.5:
-        lines.append(f"warning: XLA's peak is {ratio:.2f}x the analytic estimate; read docs/plan.md before trusting "
-                     "either")
+        lines.append(f"warning: {who}'s peak is {ratio:.2f}x the analytic estimate; read docs/plan.md before "
+                     "trusting either")
     return "\n".join(lines)
 
 
-__all__ = ["Compiled", "Estimate", "Workload", "abstract_batch", "attention_pairs", "compile_step", "estimate",
-           "format_report", "model_flops", "plan"]
+__all__ = ["Compiled", "Estimate", "Target", "TargetError", "Workload", "abstract_batch", "attention_pairs",
+           "compile_step", "estimate", "format_report", "model_flops", "plan", "target_mesh", "tpu_target"]

@@ -16,7 +16,8 @@ REDUCED = ["text.num_layers=2", "vision.num_layers=2", "adapter.vit_layers=[1,0]
 
 
 def _plan(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get(
+        "PYTHONPATH")])))  # kept: where libtpu is installed for --target
     return subprocess.run([sys.executable, "-m", "molmo2_jax.cli", "plan", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 

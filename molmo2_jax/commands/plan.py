@@ -1,5 +1,6 @@
-"""`molmo2-jax plan`: compile the real-size training step on simulated CPU devices and print per-device memory,
-FLOPs and compile time next to an analytic estimate, before renting the accelerators."""
+"""`molmo2-jax plan`: compile the real-size training step on simulated CPU devices, or for a TPU topology through
+libtpu (`--target v5p:4x4x4`), and print per-device memory, FLOPs and compile time next to an analytic estimate,
+before renting the accelerators."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import math
 DEFAULT_IMAGES = ((9, 1162), (2, 392))
 
 HELP = ("Compile the training step for a model, mesh and batch from abstract shapes on simulated CPU devices "
-        "(nothing is allocated) and print per-device memory and FLOPs next to an analytic estimate.")
+        "or for a TPU topology (--target, needs libtpu; nothing is allocated) and print per-device memory and FLOPs "
+        "next to an analytic estimate.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "tensor; unnamed axes are 1)")
     parser.add_argument("--devices", type=int, default=None,
                         help="simulated device count (default: the mesh size; needed when an axis is -1)")
+    parser.add_argument("--target", default=None, metavar="TOPOLOGY",
+                        help="compile for this TPU topology ahead of time instead of on simulated CPU devices, e.g. "
+                        "v5p:4x4x4 (64 chips), v5e:2x2, v6e:4x4, v4:2x2x1; needs libtpu (pip install "
+                        "'molmo2-jax[tpu]'); the mesh must cover its devices")
     parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per optimizer step)")
     parser.add_argument("--seq", type=int, required=True, help="tokens per sequence")
     parser.add_argument("--crops", type=int, help="ViT crops or video frames per sequence (default 9, a 2x4-tiled "
@@ -44,11 +50,16 @@ def run(args: argparse.Namespace) -> int:
 
     spec = parse_mesh(args.mesh)
     devices = args.devices
-    if devices is None:
+    if args.target is not None:
+        if devices is not None:
+            raise MeshError("--devices is for simulated CPU devices; with --target the topology sets the count")
+        devices = 1  # the step compiles for the topology's devices; JAX itself starts on one CPU device
+    elif devices is None:
         if -1 in spec.values():
             raise MeshError(f"--mesh {args.mesh!r} has a -1 axis; pass --devices to say how many devices to fill")
         devices = math.prod(spec.values())
-    mesh_shape(spec, devices)  # a mesh that does not match the device count fails here, before JAX starts
+    if args.target is None:
+        mesh_shape(spec, devices)  # a mesh that does not match the device count fails here, before JAX starts
 
     import jax
 
@@ -60,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         jax.config.update("jax_num_cpu_devices", devices)
 
     from molmo2_jax.config import load_preset
-    from molmo2_jax.plan import Workload, format_report, plan
+    from molmo2_jax.plan import Workload, format_report, plan, target_mesh, tpu_target
     from molmo2_jax.sharding import make_mesh
     from molmo2_jax.training.config import parse_train_config
 
@@ -70,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
                     tokens=tokens if args.tokens is None else args.tokens, pool=args.pool)
     lora = {"rank": args.lora} | ({"targets": args.lora_targets} if args.lora_targets else {})
     train = parse_train_config({"model": {"preset": args.model}, "lora": lora})
-    mesh = make_mesh(spec)
-    print(format_report(args.model, config, mesh, work, plan(config, mesh, work, train), train), flush=True)
+    target = None if args.target is None else tpu_target(args.target)
+    mesh = make_mesh(spec) if target is None else target_mesh(target, spec)
+    result = plan(config, mesh, work, train, target)
+    print(format_report(args.model, config, mesh, work, result, train), flush=True)
     return 0

@@ -27,12 +27,16 @@ BLOCKWISE_MIN_KEYS = 1024
 
 def uses_blockwise(impl: str, num_keys: int) -> bool:
     """Whether attention over `num_keys` keys runs blockwise under the config choice `impl`."""
-    return impl == "blockwise" or (impl == "auto" and num_keys >= BLOCKWISE_MIN_KEYS)
+    return impl == "blockwise" or (impl in ("auto", "pallas") and num_keys >= BLOCKWISE_MIN_KEYS)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, config: Molmo2Config) -> jax.Array:
     """q `[B, T, H, D]`, k/v `[B, S, KV, D]`, mask vectors or None (every key allowed) -> `[B, T, H, D]`, by the
     path `config.attention` chooses for S keys."""
+    if config.attention == "pallas" and uses_blockwise("pallas", k.shape[1]):  # the kernel where blockwise would run
+        from molmo2_jax.model.pallas_attention import pallas_attention  # imports this module
+
+        return pallas_attention(q, k, v, mask, block_q=config.attention_block_q, block_kv=config.attention_block_kv)
     if uses_blockwise(config.attention, k.shape[1]):
         return blockwise_attention(q, k, v, mask, block_q=config.attention_block_q,
                                    block_kv=config.attention_block_kv)
