@@ -143,8 +143,9 @@ class Molmo2Config:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # "none", "full", "dots", "dots_no_batch" (see model/layers.py)
-    # Attention path of the decoder, ViT and connector: "dense" (the reference), "blockwise" (model/attention.py)
-    # or "auto" (blockwise from attention.BLOCKWISE_MIN_KEYS keys on); tiles are at most these many rows.
+    # Attention path of the decoder, ViT and connector: "dense" (the reference), "blockwise" (model/attention.py),
+    # "auto" (blockwise from attention.BLOCKWISE_MIN_KEYS keys on) or "pallas" (the TPU kernel of
+    # model/pallas_attention.py where blockwise would run; interpreted off TPU); tiles are at most these many rows.
     attention: str = "auto"
     attention_block_q: int = 512
     attention_block_kv: int = 512
