@@ -1,6 +1,7 @@
 """What users call, timed against the transformers reference on identical inputs in one process, float32 on CPU:
 
     python bench/bench_api.py [--configs tiny,65m,80m] [--repeats 3] [--new-tokens 32] [--skip generate,train]
+    python bench/bench_api.py --profile 65m     # the prefill breakdown of docs/performance.md instead
 
 - prefill: `model(inputs)` (jitted, warm; logits back on the host side as a jax array) against the reference
   forward `ref(**inputs)` under `torch.inference_mode`.
@@ -17,13 +18,14 @@ matmul peak, measured at the start of the run as the faster of a 2048^3 matmul i
 
 Configs (random weights, saved by the reference and loaded with `molmo2_jax.load`), one 640x480 image (5 crops):
 - tiny: tests/ref_model.tiny_config.
-- 65m: issue 23's model: ViT 6 x 384 (6 heads), decoder 8 x 768 (GQA 12 / 4 heads of 64, MLP 2304), vocab 300.
+- 65m: issue 23's model: ViT 6 x 384 (6 heads), decoder 8 x 768 (GQA 12 / 4 heads of 64, MLP 2048), vocab 300.
 - 80m: bench/bench_lora.py's model: ViT 4 x 256, decoder 8 x 512 (GQA 8 / 4, MLP 1536), vocabulary 48k.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -40,7 +42,7 @@ NEVER = -1  # an EOS id no model emits
 CONFIGS = {
     "tiny": ({}, {}, {}),
     "65m": (dict(hidden_size=768, num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_hidden_layers=8,
-                 intermediate_size=2304),
+                 intermediate_size=2048),
             dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
                  num_key_value_heads=6, head_dim=64),
             dict(hidden_size=384, num_attention_heads=6, num_key_value_heads=6, head_dim=64, intermediate_size=1536,
@@ -201,13 +203,134 @@ def bench_train(model, ref, inputs, repeats):
     return compile_s, pairs, count
 
 
+def profile(name: str, inputs, repeats: int) -> None:
+    """Where one warm prefill spends its time, ours against the reference: the parts (ViT, ViT + connector, whole
+    forward; the reference's by forward hooks on its modules), one attention layer of the ViT and of the decoder
+    at this input's shapes against torch's SDPA, our XLA ops by kind (leaf events of a `jax.profiler` trace) and
+    torch's ops by kind (`torch.profiler`), host work per call and jit cache misses."""
+    import glob
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from jax.profiler import ProfileData
+
+    from molmo2_jax.model.attention import attention
+    from molmo2_jax.model.layers import MaskInfo
+
+    with tempfile.TemporaryDirectory(prefix=f"bench_api_{name}_") as tmp:
+        ref, model = build(name, Path(tmp))
+    prepared = model.prepare(inputs)
+    tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    median = lambda fn: statistics.median(timed(fn) for _ in range(repeats)) * 1e3
+
+    # the parts, ours
+    vit = jax.jit(lambda p, x: model.module.apply({"params": p}, x, method="vit_features"))
+    visual = jax.jit(lambda p, x, i: model.module.apply({"params": p}, x, i, method="visual_tokens"))
+    parts = {"vit": lambda: jax.block_until_ready(vit(model.params, prepared["pixel_values"])),
+             "vit+connector": lambda: jax.block_until_ready(
+                 visual(model.params, prepared["pixel_values"], prepared["image_token_pooling"])),
+             "forward": lambda: jax.block_until_ready(model(inputs))}
+    with model.context():
+        for fn in parts.values():
+            fn()
+        ours = {part: median(fn) for part, fn in parts.items()}
+    # the parts, reference: wall time between each module's forward pre-hook and hook
+    spans: dict[str, list[float]] = {}
+    modules = {"vit": ref.model.vision_tower, "connector": ref.model.multi_modal_projector,
+               "decoder": ref.model.language_model, "lm_head": ref.lm_head}
+    for part, module in modules.items():
+        module.register_forward_pre_hook(lambda *_, part=part: spans.setdefault(part, []).append(-time.perf_counter()))
+        module.register_forward_hook(lambda *_, part=part: spans[part].__setitem__(-1, spans[part][-1]
+                                                                                     + time.perf_counter()))
+    with torch.inference_mode():
+        ref(**tensors)
+        spans.clear()
+        whole = median(lambda: ref(**tensors))
+    theirs = {part: statistics.median(times) * 1e3 for part, times in spans.items()}
+    print(f"{name} prefill parts, ms (median of {repeats}):")
+    print(f"  ViT        ours {ours['vit']:8.1f}  ref {theirs['vit']:8.1f}")
+    print(f"  connector  ours {ours['vit+connector'] - ours['vit']:8.1f}  ref {theirs['connector']:8.1f}")
+    print(f"  decoder+lm ours {ours['forward'] - ours['vit+connector']:8.1f}  ref "
+          f"{theirs['decoder'] + theirs['lm_head']:8.1f}  (ours incl. embedding and host work)")
+    print(f"  forward    ours {ours['forward']:8.1f}  ref {whole:8.1f}")
+
+    # one attention layer at this input's shapes: ours (the model's path) against SDPA
+    c, n_crops, t = model.config, inputs["pixel_values"].shape[0], inputs["input_ids"].shape[1]
+    rng = np.random.default_rng(0)
+    seg, mm = np.ones((1, t), np.int32), inputs["mm_token_type_ids"].astype(bool)
+    idx = np.arange(t)[None].astype(np.int32)
+    decoder_mask = MaskInfo(*(jnp.asarray(a) for a in (seg, idx, mm, seg, idx, mm)))
+    allowed = torch.from_numpy(np.array(decoder_mask.allowed()))
+    for what, (b, length, heads, kv, dim), mask in (
+            ("ViT", (n_crops, c.vision.num_patches, c.vision.num_heads, c.vision.num_heads, c.vision.head_dim), None),
+            ("decoder", (1, t, c.text.num_heads, c.text.num_kv_heads, c.text.head_dim), decoder_mask)):
+        q, k, v = (rng.standard_normal((b, length, h, dim), np.float32) for h in (heads, kv, kv))
+        fn = jax.jit(lambda q, k, v, mask=mask: attention(q, k, v, mask, c))
+        jq, jk, jv = (jnp.asarray(x) for x in (q, k, v))
+        tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (q, k, v))
+        sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, tq, tk, tv,
+                                 attn_mask=None if mask is None else allowed, enable_gqa=heads != kv)
+        jax.block_until_ready(fn(jq, jk, jv))
+        ours_ms = median(lambda: jax.block_until_ready(fn(jq, jk, jv)))  # noqa: B023
+        with torch.inference_mode():
+            sdpa()
+            ref_ms = median(sdpa)
+        print(f"  one {what} attention layer {[b, length, heads, kv, dim]}: ours {ours_ms:.1f} ms, "
+              f"SDPA {ref_ms:.1f} ms")
+
+    # our XLA ops by kind: leaf events (ops that contain no other op) of one traced forward
+    with tempfile.TemporaryDirectory(prefix="bench_api_trace_") as trace_dir:
+        with model.context(), jax.profiler.trace(trace_dir):
+            jax.block_until_ready(model(inputs))
+        data = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+    kinds: dict[str, float] = {}
+    skip = ("end: ", "ThreadpoolListener", "ThunkExecutor", "PjitFunction", "CommonPjRt", "Handle", "Allocate",
+            "ParseArguments", "PythonRefManager")
+    for line in (line for plane in data.planes if plane.name == "/host:CPU" for line in plane.lines
+                 if line.name != "python"):  # one line per thread: the op events of the threads XLA runs on
+        events = sorted((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
+                        if not e.name.startswith(skip))
+        for i, (start, end, op) in enumerate(events):
+            if i + 1 < len(events) and events[i + 1][0] < end:  # contains the next op: a loop, not a leaf
+                continue
+            kind = ("matmul" if any(s in op for s in ("dot", "ynn", "gemm", "convolution")) else
+                    "copy/transpose" if any(s in op for s in ("copy", "transpose")) else
+                    "elementwise/reduce fusion" if "fusion" in op or op.startswith("wrapped") else "other")
+            kinds[kind] = kinds.get(kind, 0.0) + (end - start) / 1e6
+    print("  ours by XLA op kind, thread-ms: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items())))
+
+    # torch's ops by kind
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        ref(**tensors)
+    groups: dict[str, float] = {}
+    for item in prof.key_averages():
+        key = ("matmul" if item.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+               else "attention (SDPA)" if "scaled_dot_product" in item.key else "other")
+        groups[key] = groups.get(key, 0.0) + item.self_cpu_time_total / 1e3
+    print("  ref by aten op (self CPU time), ms: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(groups.items())))
+
+    # host work per call and cache misses
+    host_ms = median(lambda: model.prepare(inputs))
+    before = model._forward._cache_size()
+    with model.context():
+        for _ in range(3):
+            jax.block_until_ready(model(inputs))
+    print(f"  host work per call (prepare: checks, host-to-device): {host_ms:.2f} ms; jit cache misses in 3 warm "
+          f"calls: {model._forward._cache_size() - before}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,65m,80m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip", default="", help="comma-separated among prefill,generate,train")
+    parser.add_argument("--profile", metavar="CONFIG", help="print the prefill breakdown of CONFIG instead")
     args = parser.parse_args()
+    if args.profile:
+        profile(args.profile, image_example(), args.repeats)
+        return
 
     import jax
     import torch
