@@ -328,6 +328,10 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated among prefill,generate,train")
     parser.add_argument("--profile", metavar="CONFIG", help="print the prefill breakdown of CONFIG instead")
     args = parser.parse_args()
+    unknown = [c for c in args.configs.split(",") + [args.profile or "tiny"] if c not in CONFIGS]
+    unknown += [c for c in filter(None, args.skip.split(",")) if c not in ("prefill", "generate", "train")]
+    if unknown:
+        parser.error(f"unknown config or call {unknown}; configs are {list(CONFIGS)}, calls prefill,generate,train")
     if args.profile:
         profile(args.profile, image_example(), args.repeats)
         return
