@@ -1,6 +1,7 @@
 """Dense vs blockwise attention on this machine, side by side in one run: forward and forward+backward time and
 XLA's temporary bytes, for decoder-shaped attention with the Molmo2 mask at several lengths, the ViT's unmasked
-729-patch attention, and one cached decode step. float32 on CPU.
+729-patch attention, and one cached decode step. float32 on CPU. This times the attention functions alone; what
+users call (prefill, generate, train step, against the reference) is timed by bench/bench_api.py.
 
     python bench/bench_attention.py [--lengths 512,2048,8192] [--heads 8] [--kv-heads 2] [--head-dim 64]
                                     [--block 512] [--repeats 3]
@@ -8,7 +9,9 @@ XLA's temporary bytes, for decoder-shaped attention with the Molmo2 mask at seve
 The decoder layout is one example per row: a 32-token prompt, then visual tokens (the bidirectional block) over
 the first half of the sequence, then text. The ratio column is dense time / blockwise time (> 1: blockwise wins).
 
-Recorded 2026-12-02 on this repository's 2-core CPU machine (shared, so times are noisy; both paths of a row come
+Recorded 2026-12-02, BEFORE the blockwise prefill looped over (batch row, KV head) pairs (issue 23: since then
+the T > 1 rows run 3-8x faster blockwise and `auto` picks blockwise from 128 keys), on this repository's 2-core
+CPU machine (shared, so times are noisy; both paths of a row come
 from the same run), defaults (8 heads, 2 KV heads, head dim 64, block 512, float32):
 
 | case | kind | dense ms / MiB | blockwise ms / MiB | ratio |

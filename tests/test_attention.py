@@ -120,9 +120,9 @@ def test_rows_with_no_allowed_key_are_zero_with_zero_gradients():
 
 
 def test_vit_and_connector_shapes():
-    """No mask (ViT: 729 patches, tiles of 368) and the connector's one query over a window of 9 slots, some
-    empty and one window wholly empty."""
-    q, k, v, cot = _qkv(729, 729, 4, 4, batch=1)
+    """No mask (ViT: two crops of 729 patches, tiles of 368) and the connector's one query over a window of 9
+    slots, some empty and one window wholly empty."""
+    q, k, v, cot = _qkv(729, 729, 4, 4, batch=2)
     diffs = _compare(q, k, v, cot, None, 512, 512)
     print("vit", diffs)
     assert max(diffs.values()) <= RTOL, diffs
@@ -142,7 +142,8 @@ def test_tiles_are_balanced_and_padding_is_small():
     assert tile_size(37, 16) == 16  # three tiles, 11 padded rows
     assert tile_size(1, 512) == 1  # a decode step is not padded to a tile
     assert tile_size(8192, 512) == 512
-    assert not uses_blockwise("auto", 729) and uses_blockwise("auto", 8192) and uses_blockwise("blockwise", 9)
+    assert uses_blockwise("auto", 729) and uses_blockwise("auto", 8192) and uses_blockwise("blockwise", 9)
+    assert not uses_blockwise("auto", 9)  # the connector's pooling windows
     assert not uses_blockwise("dense", 8192)
 
 

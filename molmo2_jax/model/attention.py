@@ -18,11 +18,11 @@ import jax.numpy as jnp
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
 
-# Key length from which `attention="auto"` runs blockwise. Measured on XLA:CPU (bench/bench_attention.py): at 512
-# tokens dense forward+backward is faster (blockwise 0.75-0.9x), from 1024 on blockwise wins (forward+backward
-# 1.0-2.7x at 1024, 3.7-4.8x at 2048, 10x at 8192). The ViT's 729 keys stay dense: about even in time, and the
-# dense forward holds less memory there.
-BLOCKWISE_MIN_KEYS = 1024
+# Key length from which `attention="auto"` runs blockwise. Measured on XLA:CPU (bench/bench_attention.py, the
+# blockwise prefill looping over (batch row, KV head) pairs): below 128 keys dense is as fast or faster; from 128
+# on blockwise wins (forward and forward+backward 1.2-5x at 256, 1.2-4x for the ViT's 729 keys). The connector's
+# pooling windows (a few keys) stay dense.
+BLOCKWISE_MIN_KEYS = 128
 
 
 def uses_blockwise(impl: str, num_keys: int) -> bool:
@@ -74,9 +74,31 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo
     qt = tiles(q.reshape(b, t, kv, h // kv, d), nq, bq, 0)  # [nq, B, bq, KV, G, D]
     qt = qt.transpose(0, 1, 3, 4, 2, 5).reshape(nq, b, kv, h // kv * bq, d)
     kt, vt = (tiles(x, nk, bk, 0).transpose(0, 1, 3, 2, 4) for x in (k, v))  # [nk, B, KV, bk, D]
-    out = _flash(qt, kt, vt, q_vecs, k_vecs, _tile_ranges(q_vecs, k_vecs))
+    if t == 1:  # a decode step: one pass whose tile products are batched over B and the KV heads
+        out = _flash(qt, kt, vt, q_vecs, k_vecs, _tile_ranges(q_vecs, k_vecs))
+    else:
+        out = _per_pair(qt, kt, vt, q_vecs, k_vecs)
     out = out.reshape(nq, b, kv, h // kv, bq, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, h, d)
     return out[:, :t]
+
+
+def _per_pair(qt, kt, vt, q_vecs, k_vecs) -> jax.Array:
+    """`_flash` run by a loop over the (batch row, KV head) pairs, each with plain 2-D tile products: on XLA:CPU
+    this is 3-8x faster than products batched over B and KV (bench/bench_attention.py), whose operands and
+    `[B, KV, Q, bk]` logits stream through memory instead of staying in cache. Its ranges are the pair's own."""
+    nq, b, kv = qt.shape[:3]
+
+    def pair(args):
+        qp, kp, vp, qv, kv_ = args
+        (qp, kp, vp), qv, kv_ = ((x[:, None, None] for x in (qp, kp, vp)), tuple(x[:, None] for x in qv),
+                                 tuple(x[:, None] for x in kv_))
+        return _flash(qp, kp, vp, qv, kv_, _tile_ranges(qv, kv_))[:, 0, 0]
+
+    fold = lambda x: jnp.moveaxis(x.reshape(x.shape[0], b * kv, *x.shape[3:]), 1, 0)  # [n, B, KV, ..] -> [B*KV, n, ..]
+    # mask vectors [n, B' (B or 1), tile] -> [B*KV, n, tile]
+    per_head = lambda vecs: tuple(fold(jnp.broadcast_to(x[:, :, None], (x.shape[0], b, kv, x.shape[2]))) for x in vecs)
+    out = jax.lax.map(pair, (fold(qt), fold(kt), fold(vt), per_head(q_vecs), per_head(k_vecs)))
+    return jnp.moveaxis(out, 0, 1).reshape(nq, b, kv, *out.shape[2:])
 
 
 def _tile_mask(q_vecs, k_vecs, group: int) -> jax.Array:
