@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.attention import tile_size, uses_blockwise
-from molmo2_jax.params import flatten, param_shapes
-from molmo2_jax.sharding import MeshError, check_config, describe_mesh
+from molmo2_jax.params import check_config, flatten, param_shapes
+from molmo2_jax.sharding import MeshError, describe_mesh
 from molmo2_jax.training.config import TrainConfig
 from molmo2_jax.training.step import make_train_step
 

@@ -183,7 +183,10 @@ def test_bad_inputs_one_line_errors_nothing_written(reference, tmp_path, capsys)
     assert "destination exists and is not empty (pass --overwrite" in run(str(tmp_path / "jax"), str(dst))
     assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
 
-    assert "not a converted or training checkpoint" in run(str(src), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    message = run(str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert f"{tmp_path / 'empty'}: not a Molmo2 checkpoint; expected a Hugging Face directory" in message
+    assert "--step 3 needs a training run directory" in run(str(tmp_path / "jax"), str(tmp_path / "out"), "--step", "3")
     assert "checkpoint directory does not exist" in run(str(tmp_path / "nowhere"), str(tmp_path / "out"))
 
     # Params that do not match the saved config (another model's params under this config).

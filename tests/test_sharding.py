@@ -49,21 +49,19 @@ def _worker() -> None:
 
     jax.config.update("jax_num_cpu_devices", 8)
     jax.config.update("jax_default_matmul_precision", "highest")
-    import flax.linen as nn
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
     from molmo2_jax.config import load_preset
     from molmo2_jax.model.molmo2 import Molmo2
-    from molmo2_jax.params import _dummy_inputs, flatten, logical_names
-    from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh, param_shardings
+    from molmo2_jax.params import flatten, init_params, logical_names
+    from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh
     from molmo2_jax.training.loss import weighted_sums
     from molmo2_jax.training.step import MODEL_KEYS
 
     config = load_preset("tiny", TINY_OVERRIDES)
     module = Molmo2(config)
     batch = _batch(config)
-    init = lambda: nn.unbox(module.init(jax.random.key(0), **_dummy_inputs(config))["params"])
 
     def loss(params, b):
         logits = module.apply({"params": params}, **{k: b[k] for k in MODEL_KEYS if k in b})[0]
@@ -72,7 +70,7 @@ def _worker() -> None:
 
     # one compiled function per mesh: loss, logits and gradients of a training step
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    ref_params = jax.jit(init)()
+    ref_params = init_params(config)
     (ref_loss, ref_logits), ref_grads = jax.device_get(step(ref_params, batch))
     names = logical_names(config)
     leaves = jax.tree_util.tree_leaves
@@ -82,7 +80,7 @@ def _worker() -> None:
     for case, spec in MESHES.items():
         mesh = make_mesh(spec)
         with activate(mesh):
-            params = jax.jit(init, out_shardings=param_shardings(config, mesh))()  # born sharded
+            params = init_params(config, mesh=mesh)  # born sharded
             (got_loss, logits), grads = step(params, jax.device_put(batch, batch_shardings(mesh, batch)))
         wrong = [p for p, x in flatten(params).items()
                  if not x.sharding.is_equivalent_to(NamedSharding(mesh, logical_to_spec(names[p])), x.ndim)]
@@ -137,8 +135,8 @@ def test_no_large_param_left_replicated(preset, mesh):
     import jax.numpy as jnp
 
     from molmo2_jax.config import load_preset
-    from molmo2_jax.params import logical_names, param_shapes
-    from molmo2_jax.sharding import check_config, logical_to_spec
+    from molmo2_jax.params import check_config, logical_names, param_shapes
+    from molmo2_jax.sharding import logical_to_spec
 
     config = load_preset(preset)
     abstract = _abstract_mesh(**mesh)
@@ -176,7 +174,8 @@ def test_rules_table_rejects_collisions_and_unknown_names():
 
 def test_mesh_errors_name_the_problem():
     from molmo2_jax.config import load_preset
-    from molmo2_jax.sharding import MeshError, check_config, make_mesh, parse_mesh
+    from molmo2_jax.params import check_config
+    from molmo2_jax.sharding import MeshError, make_mesh, parse_mesh
 
     assert parse_mesh("fsdp=64,tensor=2") == {"fsdp": 64, "tensor": 2}
     with pytest.raises(MeshError, match="has 16 devices but 1 are available"):

@@ -346,7 +346,7 @@ def run_watching_stdout(command, env, stderr_path, on_line) -> int:
 def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
     import yaml
 
-    from molmo2_jax.training.checkpointing import is_training_checkpoint
+    from molmo2_jax.checkpoint.formats import is_training_step
     from molmo2_jax.training.run import run
 
     config_path = tmp_path / "run.yaml"
@@ -368,7 +368,7 @@ def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
     assert stopped, err[-3000:]
     step, saved = int(stopped[1]), Path(stopped[2])
     assert 2 <= step < 6 and saved == tmp_path / "run" / "checkpoints" / str(step)
-    assert is_training_checkpoint(saved) and (saved / "data").is_dir()
+    assert is_training_step(saved) and (saved / "data").is_dir()
     assert sorted(int(p.name) for p in saved.parent.iterdir() if p.name.isdigit()) == [step]
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -148,34 +148,42 @@ def export_merged(base: str | Path, adapter: str | Path, dst: str | Path, *, dty
     path (`export.export_to_hf`, through a temporary converted checkpoint beside `dst`)."""
     import tempfile
 
-    import molmo2_jax
     from molmo2_jax.checkpoint import converted
     from molmo2_jax.checkpoint.export import export_to_hf
+    from molmo2_jax.checkpoint.formats import open_checkpoint
+    from molmo2_jax.lora import merge
 
-    model = molmo2_jax.load(base, adapter=adapter, merge_adapter=True)
+    checkpoint = open_checkpoint(base)
+    lora_config, adapters = read_adapter(adapter, checkpoint.config)  # checked before the base is read
+    params = merge(checkpoint.read_params(checkpoint.config), adapters, lora_config)
     with tempfile.TemporaryDirectory(dir=Path(dst).absolute().parent, prefix=".merged-") as tmp:
         (Path(tmp) / "jax").mkdir()
-        converted.save(Path(tmp) / "jax", model.config, model.params)
+        converted.save(Path(tmp) / "jax", checkpoint.config, params)
         return export_to_hf(Path(tmp) / "jax", dst, dtype=dtype, overwrite=overwrite, side_files_from=base, log=log)
 
 
 def export_run_adapter(src: str | Path, dst: str | Path, step: int | None = None) -> list[str]:
     """The adapters of a LoRA training run (its latest or given step) as a PEFT adapter directory."""
+    import flax.linen as nn
     import jax
+    import jax.numpy as jnp
 
+    from molmo2_jax.checkpoint.formats import TRAINING, open_checkpoint, restore_step_params
     from molmo2_jax.config import from_dict
-    from molmo2_jax.sharding import make_mesh
-    from molmo2_jax.training.checkpointing import find_step_dir, read_step_config, restore_step_params
-    from molmo2_jax.training.config import TrainConfig
-    from molmo2_jax.training.step import make_train_step
+    from molmo2_jax.lora import abstract_adapters
 
-    where = find_step_dir(Path(src), step)
-    if where is None:
+    checkpoint = open_checkpoint(src, step)
+    if checkpoint.kind != TRAINING:
         raise CheckpointError(f"{src}: not a training run or step directory")
-    model_config = read_step_config(where)
-    train = from_dict(TrainConfig, json.loads((where / "config" / "metadata").read_text())["train"])
-    if not train.lora.enabled:
-        raise CheckpointError(f"{where}: not a LoRA run (its lora.rank is 0); export it with convert/jax_to_hf.py")
-    ts = make_train_step(model_config, train, make_mesh({"fsdp": 1}, jax.devices()[:1]))
-    adapters = restore_step_params(where, ts.abstract_state()["params"])
-    return export_adapter(adapters, model_config, train.lora, dst, base_model=train.init.checkpoint or "")
+    train = checkpoint.train_config or {}
+    lora_config = from_dict(LoraConfig, train.get("lora"), "lora.")
+    if not lora_config.enabled:
+        raise CheckpointError(f"{checkpoint.path}: not a LoRA run (its lora.rank is 0); export it with "
+                              "`molmo2-jax export`")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # adapters are trained (and saved) in fp32
+    abstract = jax.tree_util.tree_map(lambda box: jax.ShapeDtypeStruct(box.value.shape, jnp.float32, sharding=device),
+                                      abstract_adapters(checkpoint.config, lora_config),
+                                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    adapters = restore_step_params(checkpoint.path, abstract)
+    return export_adapter(adapters, checkpoint.config, lora_config, dst,
+                          base_model=(train.get("init") or {}).get("checkpoint") or "")

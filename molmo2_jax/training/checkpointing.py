@@ -1,5 +1,6 @@
 """Training checkpoints: an Orbax CheckpointManager holding, per saved step, the train state (params,
-optimizer state, step), the Grain iterator state of every process and the run's config (JSON).
+optimizer state, step), the Grain iterator state of every process and the run's config (JSON). The layout of a
+step directory, which readers of checkpoints share, is in `molmo2_jax.checkpoint.formats`.
 
 Saves are asynchronous (the state is copied off the devices before training continues; the iterator state
 is written synchronously at save time) and only the last `keep` steps are kept. `restore` checks the saved
@@ -21,6 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from molmo2_jax.checkpoint.formats import CONFIG_ITEM, DATA_ITEM, STATE_ITEM
 from molmo2_jax.checkpoint.storage import OrbaxErrorFilter, error_line, free_bytes, is_no_space, size_text
 from molmo2_jax.config import Molmo2Config, from_dict, to_dict
 from molmo2_jax.errors import Molmo2Error
@@ -30,48 +32,6 @@ from molmo2_jax.training.config import CheckpointConfig, TrainConfig
 
 class ResumeError(Molmo2Error):
     """A checkpoint cannot be resumed by this run (different model shape, missing items)."""
-
-
-def is_training_checkpoint(path: Path) -> bool:
-    """A step directory written by Checkpointer (`runs/NAME/checkpoints/STEP`)."""
-    return (path / "state").is_dir() and (path / "config").is_dir()
-
-
-def find_step_dir(path: Path, step: int | None = None) -> Path | None:
-    """The training step directory `path` names: itself, or the given (default: latest) step of a run directory
-    (`run/checkpoints/STEP`) or of its `checkpoints/` directory. None when `path` holds no training checkpoint."""
-    if is_training_checkpoint(path):
-        return path
-    for root in (path / "checkpoints", path):
-        steps = {int(p.name): p for p in root.glob("*") if p.name.isdigit() and is_training_checkpoint(p)}
-        if steps:
-            if step is None:
-                return steps[max(steps)]
-            if step not in steps:
-                raise ResumeError(f"{path}: training run has no step {step} (saved steps: {sorted(steps)})")
-            return steps[step]
-    return None
-
-
-def read_step_config(path: Path) -> Molmo2Config:
-    """The model config saved with a training checkpoint's step directory."""
-    try:
-        saved = json.loads((path / "config" / "metadata").read_text())
-        return from_dict(Molmo2Config, saved["model"]).validate()
-    except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-        raise ResumeError(f"{path}: unreadable training checkpoint config ({e})") from None
-
-
-def restore_step_params(path: Path, abstract_params: dict[str, Any]) -> dict[str, Any]:
-    """Only the params of a training checkpoint's step directory, placed like `abstract_params` (e.g. to
-    start SFT from a pretraining run); the optimizer state is not read."""
-    item = {"params": abstract_params}
-    args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), item)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore((path / "state").absolute(),
-                                        args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                                    partial_restore=True))
-    return restored["params"]
 
 
 class CheckpointSaveError(Molmo2Error):
@@ -98,10 +58,10 @@ class Checkpointer:
         CheckpointSaveError when this save or the previous one failed."""
         import grain
 
-        items = {"state": ocp.args.StandardSave(state),
-                 "config": ocp.args.JsonSave({"model": to_dict(model_config), "train": to_dict(train_config)})}
+        items = {STATE_ITEM: ocp.args.StandardSave(state),
+                 CONFIG_ITEM: ocp.args.JsonSave({"model": to_dict(model_config), "train": to_dict(train_config)})}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
         with self._reporting_failures():  # the previous step's save ends (and may fail) in here
             self.manager.wait_until_finished()
         self._check_free_space(step, state)
@@ -176,7 +136,8 @@ class Checkpointer:
         return None
 
     def saved_model_config(self, step: int) -> Molmo2Config:
-        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        items = ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
+        saved = self.manager.restore(step, args=items)[CONFIG_ITEM]
         return from_dict(Molmo2Config, saved["model"])
 
     def restore(self, step: int, abstract_state: dict[str, Any], model_config: Molmo2Config,
@@ -192,17 +153,17 @@ class Checkpointer:
         if diffs:
             raise ResumeError(f"{where}: checkpoint is of another model shape ({len(diffs)} param(s) differ: "
                               f"{'; '.join(diffs[:3])}); use a new run_dir or the same model config")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            if not (where / "data").is_dir():
+            if not (where / DATA_ITEM).is_dir():
                 raise ResumeError(f"{where}: checkpoint has no data iterator state to resume from")
-            for file in sorted((where / "data").glob("*.json")):  # Grain's own error does not name the file
+            for file in sorted((where / DATA_ITEM).glob("*.json")):  # Grain's own error does not name the file
                 try:
                     json.loads(file.read_text())
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{file}: not valid JSON ({e})") from None
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
 
     def close(self) -> None:
         logging.getLogger("absl").removeFilter(self._filter)

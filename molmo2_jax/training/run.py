@@ -17,16 +17,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from molmo2_jax.checkpoint.formats import open_checkpoint
 from molmo2_jax.config import from_dict
 from molmo2_jax.distributed import startup_lines
 from molmo2_jax.params import flatten, init_params, param_shapes, unflatten
 from molmo2_jax.sharding import describe_mesh, make_mesh
-from molmo2_jax.training.checkpointing import (
-    Checkpointer,
-    is_training_checkpoint,
-    read_step_config,
-    restore_step_params,
-)
+from molmo2_jax.training.checkpointing import Checkpointer
 from molmo2_jax.training.config import TrainConfig, TrainConfigError, model_config
 from molmo2_jax.training.loop import Trainer, initial_state
 from molmo2_jax.training.metrics import EventWriter
@@ -43,14 +39,7 @@ def resolve_model_config(train: TrainConfig):
 
         tokens = model_token_settings(train.model["vocab_from"])
     if init.kind == "molmo2":
-        from molmo2_jax.checkpoint import converted, hf
-
-        path = Path(init.checkpoint)
-        if is_training_checkpoint(path):
-            base = read_step_config(path)
-        else:
-            base = converted.read_config(path) if converted.is_converted(path) else hf.read_config(path)
-        return model_config(train, base, tokens)
+        return model_config(train, open_checkpoint(init.checkpoint).config, tokens)
     if init.kind == "llm_vit":
         from molmo2_jax.checkpoint.init_from import starting_config
         from molmo2_jax.config import load_preset
@@ -75,14 +64,8 @@ def starting_params(ts: TrainStep) -> int | dict[str, Any]:
     init, config, mesh = ts.train_config.init, ts.model_config, ts.mesh
     if init.kind == "random":
         return init.seed
-    if init.kind == "molmo2":
-        import molmo2_jax
-
-        path = Path(init.checkpoint)
-        if is_training_checkpoint(path):
-            return restore_step_params(path, ts.abstract_base() or ts.abstract_state()["params"])
-        dtype = config.dtype if ts.lora else "float32"
-        return molmo2_jax.load(path, dtype=dtype, mesh=mesh).params
+    if init.kind == "molmo2":  # a frozen LoRA base in the compute dtype, trained params in fp32
+        return open_checkpoint(init.checkpoint).read_params(config, config.dtype if ts.lora else "float32", mesh)
     from molmo2_jax.checkpoint.init_from import params_from_llm_vit
 
     shardings = flatten(ts.base_shardings or ts.param_shardings)

@@ -36,8 +36,8 @@ from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # the model inputs of a b
 from molmo2_jax.config import ConfigError, Molmo2Config
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.molmo2 import Molmo2
-from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, unflatten
-from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh, param_shardings
+from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, param_shardings, unflatten
+from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh
 from molmo2_jax.training.config import GroupConfig, TrainConfig, TrainConfigError
 from molmo2_jax.training.loss import weighted_sums
 from molmo2_jax.training.optimizer import FROZEN, make_optimizer, param_labels, schedules
