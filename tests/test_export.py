@@ -70,6 +70,9 @@ def test_round_trip_is_bit_identical(released, tmp_path):
             assert sorted(f.keys()) == sorted(k for k, v in index["weight_map"].items() if v == shard)
             assert sum(f.get_tensor(k).nbytes for k in f.keys()) <= 300_000 or len(list(f.keys())) == 1
     assert (tmp_path / "hf" / "generation_config.json").is_file()
+    export_to_hf(src, tmp_path / "direct", log=None)  # a Hugging Face source, exported without converting first
+    direct = read_tensors(tmp_path / "direct")
+    assert sorted(direct) == sorted(after) and all(direct[n].tobytes() == v.tobytes() for n, v in after.items())
 
 
 def test_round_trip_of_save_pretrained_output(reference, tmp_path):
