@@ -325,19 +325,28 @@ def to_dict(config: Any) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
-    """Plain dict -> dataclass `cls`, rejecting unknown keys with the list of valid ones."""
+    """Plain dict -> dataclass `cls`, rejecting unknown keys (at any depth, with the list of valid ones) and
+    missing required ones. Nested dataclass fields, and tuples of them, are read from dicts and lists of dicts."""
+    where = path or cls.__name__
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {data!r}")
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = path or cls.__name__
         raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
+    missing = sorted(name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ConfigError(f"missing config key(s) {missing} in {where}")
     kwargs = {}
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
-        field_type = _resolve(cls, name)
-        if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
+        field_type, item_type = _resolve(hints[name])
+        if field_type is not None and value is not None:
             value = from_dict(field_type, value, f"{path}{name}.")
+        elif item_type is not None and isinstance(value, (list, tuple)):
+            value = tuple(from_dict(item_type, item, f"{path}{name}[{i}].") for i, item in enumerate(value))
         elif isinstance(value, list):
             value = tuple(value)
         _check_scalar(hints[name], value, f"{path}{name}")
@@ -362,13 +371,17 @@ def _check_scalar(hint: Any, value: Any, key: str) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
-def _resolve(cls: type, name: str) -> Any:
-    """The dataclass type of a field (unwrapping `X | None`), or None for plain fields."""
-    hint = typing.get_type_hints(cls)[name]
+def _resolve(hint: Any) -> tuple[type | None, type | None]:
+    """`(dataclass, None)` for a field typed `X` or `X | None`, `(None, dataclass)` for `tuple[X, ...]`, else
+    `(None, None)`."""
     for candidate in (hint, *typing.get_args(hint)):
         if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
+            return candidate, None
+        if typing.get_origin(candidate) is tuple:
+            args = typing.get_args(candidate)
+            if args and dataclasses.is_dataclass(args[0]):
+                return None, args[0]
+    return None, None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

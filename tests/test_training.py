@@ -193,6 +193,31 @@ def test_unknown_config_key_lists_valid_keys(tmp_path):
         load_train_config(path, ["optimizer={}", "stepz=3"])
 
 
+SOURCES = "processor_dir: tok, sources: [{path: ds}]"
+
+
+@pytest.mark.parametrize("section, message", [
+    ("data: {processor_dir: tok, sources: [{path: ds, splt: train}]}",
+     r"unknown config key\(s\) \['splt'\] in data\.sources\[0\]\.; valid keys: \[.*'split'"),
+    (f"data: {{{SOURCES}, buckets: [{{seq_len: 64, max_crop: 2}}]}}",
+     r"unknown config key\(s\) \['max_crop'\] in data\.buckets\[0\]\.; valid keys: \[.*'max_crops'"),
+    (f"eval_data: {{{SOURCES}, batchsize: 2}}", r"\['batchsize'\] in eval_data\.; valid keys: \[.*'batch_size'"),
+    ("data: {sources: [{path: ds}]}", r"missing config key\(s\) \['processor_dir'\] in data\."),
+    ("model: {preset: tiny, text: {num_layer: 2}}", r"\['num_layer'\] in model\.text\.; valid keys: .*'num_layers'"),
+    ("model: {preset: tiny, text: {num_layers: two}}", r"model\.text\.num_layers: expected int, got 'two'"),
+    ("mesh: {fsdpp: 2}", r"\['fsdpp'\] in mesh\.; valid keys: \['data', 'fsdp', 'sequence', 'tensor'\]"),
+    ("mesh: {data: -1}", r"mesh \{.*\}: sizes must be positive, and at most one -1"),
+    ("lora: {rank: 4, targett: x}", r"\['targett'\] in lora\."),
+])
+def test_unknown_key_in_any_section_fails_at_load(tmp_path, section, message):
+    """Every section is typed: a wrong key at any depth fails while the YAML is read, in one line."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {{preset: tiny}}\n{section}\n")
+    with pytest.raises(TrainConfigError, match=message) as error:
+        load_train_config(path)
+    assert "\n" not in str(error.value)
+
+
 def test_lr_group_matching_no_params_is_an_error(tmp_path):
     config = train_config(tmp_path, **{"optimizer.vit.pattern": "vit/.*"})
     with pytest.raises(TrainConfigError, match=r"optimizer.vit.pattern 'vit/.\*' matches no parameter"):
@@ -232,7 +257,7 @@ def test_release_configs_parse_and_resolve_their_presets():
         assert {f"molmo2-{model}-{stage}" for stage in ("pretrain", "sft", "long-sft")} <= set(names)
     for name in names:
         config = load_train_config(name)
-        if config.model.get("preset") and not config.model.get("vocab_from"):
+        if config.model.preset and not config.model.vocab_from:
             assert model_config(config).param_dtype == "float32"
     sft = load_train_config("molmo2-4b-sft")
     assert (sft.optimizer.connector.lr, sft.optimizer.vit.lr, sft.optimizer.llm.lr) == (5e-6, 5e-6, 1e-5)

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from molmo2_jax.checkpoint.formats import open_checkpoint
-from molmo2_jax.config import from_dict
+from molmo2_jax.config import to_dict
+from molmo2_jax.data.pipeline import PipelineConfig
 from molmo2_jax.distributed import startup_lines
 from molmo2_jax.params import flatten, init_params, param_shapes, unflatten
 from molmo2_jax.sharding import describe_mesh, make_mesh
@@ -34,17 +35,17 @@ def resolve_model_config(train: TrainConfig):
     preset (pretraining) or the preset alone (random init), then the `model` section's changes."""
     init = train.init
     tokens = None
-    if train.model.get("vocab_from"):
+    if train.model.vocab_from:
         from molmo2_jax.data import model_token_settings
 
-        tokens = model_token_settings(train.model["vocab_from"])
+        tokens = model_token_settings(train.model.vocab_from)
     if init.kind == "molmo2":
         return model_config(train, open_checkpoint(init.checkpoint).config, tokens)
     if init.kind == "llm_vit":
         from molmo2_jax.checkpoint.init_from import starting_config
         from molmo2_jax.config import load_preset
 
-        return model_config(train, starting_config(load_preset(train.model["preset"]), init.llm, init.vit), tokens)
+        return model_config(train, starting_config(load_preset(train.model.preset), init.llm, init.vit), tokens)
     return model_config(train, None, tokens)
 
 
@@ -75,21 +76,12 @@ def starting_params(ts: TrainStep) -> int | dict[str, Any]:
     return unflatten(params)
 
 
-def data_iterator(spec: dict[str, Any], *, evaluation: bool = False):
-    """A Grain iterator of packed batches for a `data` / `eval_data` section (PipelineConfig fields)."""
-    from molmo2_jax.data import Bucket, PipelineConfig, Source, dataset
+def data_iterator(config: PipelineConfig | None, *, evaluation: bool = False):
+    """A Grain iterator of packed batches for a `data` / `eval_data` section."""
+    from molmo2_jax.data import dataset
 
-    spec = dict(spec)
-    if "processor_dir" not in spec or not spec.get("sources"):
-        raise TrainConfigError("the data section needs processor_dir and sources (see docs/data.md)")
-    try:
-        sources = tuple(from_dict(Source, s, "data.sources.") for s in spec.pop("sources"))
-        buckets = tuple(from_dict(Bucket, b, "data.buckets.") for b in spec.pop("buckets", ()))
-        if buckets:
-            spec["buckets"] = buckets
-        config = from_dict(PipelineConfig, {**spec, "sources": sources}, "data.")
-    except TypeError as e:
-        raise TrainConfigError(f"malformed data section: {e}") from None
+    if config is None:
+        raise TrainConfigError("the config has no data section (processor_dir and sources, see docs/data.md)")
     if evaluation:  # the same held-out batches at every evaluation
         config = dataclasses.replace(config, shuffle=False, num_epochs=1)
     return iter(dataset(config))
@@ -106,7 +98,7 @@ def run(train: TrainConfig, batches: Iterator[dict[str, np.ndarray]] | None = No
     log = log or ((lambda line: print(line, flush=True)) if primary else (lambda _: None))
     train = train.with_absolute_paths()
     take_bad_example_summary()  # counts from now on
-    mesh = make_mesh(train.mesh)
+    mesh = make_mesh(to_dict(train.mesh))
     if jax.process_count() > 1:
         for line in startup_lines(mesh):
             print(line, flush=True)
