@@ -67,7 +67,7 @@ class MeshError(Molmo2Error):
     """A mesh specification does not fit the available devices or the model."""
 
 
-def _check_table(rules: Sequence[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
+def check_table(rules: Sequence[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
     """The rules as `{logical: (mesh axes...)}`; each logical name once, only known mesh axes."""
     table: dict[str, tuple[str, ...]] = {}
     for name, target in rules:
@@ -81,7 +81,7 @@ def _check_table(rules: Sequence[tuple[str, Any]]) -> dict[str, tuple[str, ...]]
     return table
 
 
-_TABLE = _check_table(LOGICAL_RULES)
+_TABLE = check_table(LOGICAL_RULES)
 
 
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:

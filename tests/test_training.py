@@ -13,10 +13,10 @@ import sys
 import threading
 from pathlib import Path
 
-import grain
 import jax
 import numpy as np
 import pytest
+from batches import collate, example, synthetic_batches
 
 from molmo2_jax.config import load_preset
 from molmo2_jax.params import flatten
@@ -26,47 +26,6 @@ from molmo2_jax.training.loop import NanLossError, Trainer, initial_state, stack
 from molmo2_jax.training.step import make_train_step
 
 MODEL = load_preset("tiny")
-TOK = MODEL.tokens
-SEQ, POOLED, CROPS = 24, 6, 1
-
-
-def example(seed: int, with_image: bool) -> dict[str, np.ndarray]:
-    """One packed-free example in the batch contract (no leading batch axis on visual arrays)."""
-    rng = np.random.default_rng(seed)
-    ids = list(rng.integers(1, 250, 4))
-    if with_image:
-        ids += [TOK.low_res_image_start] + [TOK.image_patch] * POOLED + [TOK.image_end]
-    ids += list(rng.integers(1, 250, SEQ - len(ids) - 3))
-    n = len(ids)
-    input_ids = np.array(ids + [TOK.pad] * (SEQ - n), np.int32)
-    pooling = np.full((POOLED + 2, 4), -1, np.int32)  # two padding rows
-    if with_image:
-        pooling[:POOLED] = rng.integers(0, CROPS * 729, (POOLED, 4))
-    targets = np.roll(input_ids, -1)
-    weights = ((np.arange(SEQ) < n - 1) & ~np.isin(targets, MODEL.tokens.multimodal)).astype(np.float32)
-    return {"input_ids": input_ids, "mm_token_type_ids": np.isin(input_ids, TOK.multimodal).astype(np.int32),
-            "segment_ids": (np.arange(SEQ) < n).astype(np.int32), "position_ids": np.arange(SEQ, dtype=np.int32),
-            "target_ids": targets.astype(np.int32), "loss_weights": weights,
-            "pixel_values": rng.uniform(-1, 1, (CROPS, 729, 588)).astype(np.float32) * with_image,
-            "image_token_pooling": pooling}
-
-
-def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Examples -> one batch: tokens stacked, crops concatenated, pooling indices shifted into the concat."""
-    out = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k not in ("pixel_values",
-                                                                                   "image_token_pooling")}
-    out["pixel_values"] = np.concatenate([e["pixel_values"] for e in examples])
-    out["image_token_pooling"] = np.concatenate(
-        [np.where(e["image_token_pooling"] >= 0, e["image_token_pooling"] + i * CROPS * 729, -1)
-         for i, e in enumerate(examples)])
-    return out
-
-
-def synthetic_batches(batch_size: int, seed: int = 0) -> grain.DatasetIterator:
-    """A checkpointable Grain iterator of random batches, every other example with an image."""
-    def make(i):
-        return collate([example(seed + i * batch_size + j, (i + j) % 2 == 0) for j in range(batch_size)])
-    return iter(grain.MapDataset.range(10_000).map(make).to_iter_dataset())
 
 
 def train_config(tmp_path, **changes):
