@@ -39,7 +39,7 @@ class Workload:
     batch: int
     seq: int
     crops: int = 9  # 1 global view + 8 tiles: the released image default
-    tokens: int = 1162  # pooled tokens of a 2x4-tiled image (spec 4.2); must be <= seq
+    tokens: int = 1162  # pooled tokens of a 2x4-tiled image; must be <= seq
     pool: int = 4  # 2x2 windows for images, 9 for 3x3 video windows
 
 

@@ -1,6 +1,6 @@
 """Image preprocessing in numpy: RGB loading, torch-style bilinear resize, overlap tiling, patchify, pooling indices.
 
-Reproduces the transformers `Molmo2ImageProcessor` (spec section 4.1-4.3) without torch.
+Reproduces the transformers `Molmo2ImageProcessor` without torch.
 """
 
 from __future__ import annotations

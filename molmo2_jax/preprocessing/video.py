@@ -1,6 +1,6 @@
 """Video input: PyAV decoding of only the sampled frames, the released time-based sampling, per-frame patches.
 
-Sampling follows the released (hub) Molmo2 processor (spec 4.4): at most `max_fps` frames per
+Sampling follows the released (hub) Molmo2 processor: at most `max_fps` frames per
 second, at most `num_frames` frames, the last frame always included, uniform spacing past the limit.
 """
 
