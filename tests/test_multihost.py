@@ -1,6 +1,7 @@
 """Two processes joined by `jax.distributed` (4 simulated CPU devices each, gloo collectives, loopback
 coordinator) train with the real loop, each feeding only its own examples: the logits of a global batch, the
-losses of every step and the params saved at the end equal those of one process training on the merged batches.
+losses of every step and the params saved at the end equal those of one process training on the merged batches,
+for full fine-tuning and for LoRA (adapters on the LLM, ViT and connector over a frozen base).
 SIGTERM on one process stops both after the same step, with its checkpoint (state and both data iterators) saved.
 Batches that differ between the hosts in their keys, a mesh whose batch axes do not span the hosts and a batch
 array of unsupported rank fail on both hosts with one message.
@@ -27,13 +28,39 @@ ROWS = 2  # examples per host and micro-batch (one crop each)
 STEPS, STOP_AT = 4, 3  # process 1 gets SIGTERM while drawing the batches of step STOP_AT
 
 
-def _train_config(run_dir):
+LORA = {"rank": 4, "lr": 1e-3, "warmup_steps": 0, "targets": r"decoder/.*/kernel|vision/.*/kernel|connector/.*/kernel"}
+
+
+def _train_config(run_dir, mode: str):
     from molmo2_jax.training.config import parse_train_config
 
     return parse_train_config({
         "run_dir": str(run_dir), "model": {"preset": "tiny"}, "steps": STEPS, "grad_accum": 2,
         "optimizer": {g: {"warmup_steps": 0, "lr": 1e-3} for g in ("connector", "vit", "llm")},
-        "checkpoint": {"every": 100}, "log": {"every": 1, "tensorboard": False}})
+        "checkpoint": {"every": 100}, "log": {"every": 1, "tensorboard": False},
+        **({"lora": LORA} if mode == "lora" else {})})
+
+
+def _start(config, train_config, mesh):
+    """The train step and its fresh state (LoRA: a random frozen base from seed 0, B = 0 adapters)."""
+    from molmo2_jax.training.step import make_train_step
+
+    ts = make_train_step(config, train_config, mesh)
+    if ts.lora:
+        ts.set_base(0)
+    return ts, ts.init_state(0)
+
+
+def _logits(ts, params, batch):
+    """The model's logits for one micro-batch (LoRA: the adapters applied to the frozen base)."""
+    import contextlib
+
+    from molmo2_jax import lora
+    from molmo2_jax.training.step import MODEL_KEYS
+
+    inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    with lora.applied(ts.lora) if ts.lora else contextlib.nullcontext():
+        return ts.module.apply({"params": lora.combine(ts.base, params) if ts.lora else params}, **inputs)[0]
 
 
 def _examples(config, index: int, host: int) -> dict[str, np.ndarray]:
@@ -68,7 +95,7 @@ def _merged_micro_batch(config, index: int) -> dict[str, np.ndarray]:
     return merged
 
 
-def _worker(process_id: int, port: int, out_dir: str) -> None:
+def _worker(process_id: int, port: int, out_dir: str, mode: str) -> None:
     import jax
 
     from molmo2_jax import distributed
@@ -85,22 +112,19 @@ def _worker(process_id: int, port: int, out_dir: str) -> None:
     from molmo2_jax.sharding import make_mesh
     from molmo2_jax.training.checkpointing import Checkpointer
     from molmo2_jax.training.loop import Trainer, TrainingInterrupted, stack_micro_batches
-    from molmo2_jax.training.step import MODEL_KEYS, make_train_step
 
     config = load_preset("tiny", OVERRIDES)
     mesh = make_mesh(MESH)
     for line in distributed.startup_lines(mesh):
         print(line, flush=True)
-    train_config = _train_config(Path(out_dir) / "run")
-    ts = make_train_step(config, train_config, mesh)
-    state = ts.init_state(0)
+    train_config = _train_config(Path(out_dir) / "run", mode)
+    ts, state = _start(config, train_config, mesh)
     result = {}
 
     # the logits of (the first micro-batch of) a global batch assembled from each host's own examples
     batch = ts.place_batch(stack_micro_batches([_host_micro_batch(config, i, process_id) for i in (0, 1)]))
     with ts.context():
-        forward = jax.jit(lambda p, b: ts.module.apply({"params": p}, **{k: b[k][0] for k in MODEL_KEYS
-                                                                          if k in b})[0])
+        forward = jax.jit(lambda p, b: _logits(ts, p, {k: v[0] for k, v in b.items()}))
         logits = multihost_utils.process_allgather(forward(state["params"], batch), tiled=True)
 
     # training with the real loop on this host's data; SIGTERM reaches process 1 only
@@ -158,19 +182,19 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_two_processes_match_single_process(tmp_path, mode):
     import jax
 
     from molmo2_jax.config import load_preset
     from molmo2_jax.params import flatten
     from molmo2_jax.sharding import make_mesh
     from molmo2_jax.training.loop import stack_micro_batches
-    from molmo2_jax.training.step import MODEL_KEYS, make_train_step
 
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)], env=env,
+    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path), mode], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = []
     for proc in procs:
@@ -201,10 +225,8 @@ def test_two_processes_match_single_process(tmp_path):
 
     # the same training in this (single-device) process on the merged batches
     config = load_preset("tiny", OVERRIDES)
-    ts = make_train_step(config, _train_config(tmp_path / "single"), make_mesh({"fsdp": 1}, jax.devices()[:1]))
-    state = ts.init_state(0)
-    first = _merged_micro_batch(config, 0)
-    logits = ts.module.apply({"params": state["params"]}, **{k: first[k] for k in MODEL_KEYS if k in first})[0]
+    ts, state = _start(config, _train_config(tmp_path / "single", mode), make_mesh({"fsdp": 1}, jax.devices()[:1]))
+    logits = _logits(ts, state["params"], _merged_micro_batch(config, 0))
     assert np.max(np.abs(arrays["logits"] - np.asarray(logits))) <= 1e-5 * np.max(np.abs(logits))
     expected = []
     for step in range(STOP_AT):
@@ -235,4 +257,4 @@ def test_incomplete_settings_fail_fast(monkeypatch):
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -26,12 +26,18 @@ from molmo2_jax.checkpoint.formats import CONFIG_ITEM, DATA_ITEM, STATE_ITEM
 from molmo2_jax.checkpoint.storage import OrbaxErrorFilter, error_line, free_bytes, is_no_space, size_text
 from molmo2_jax.config import Molmo2Config, from_dict, to_dict
 from molmo2_jax.errors import Molmo2Error
-from molmo2_jax.params import param_shapes
+from molmo2_jax.params import flatten, param_shapes
 from molmo2_jax.training.config import CheckpointConfig, TrainConfig
 
 
 class ResumeError(Molmo2Error):
     """A checkpoint cannot be resumed by this run (different model shape, missing items)."""
+
+
+def shape_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`path: saved S vs now C` for every path whose shape differs (or exists on one side only)."""
+    return [f"{p}: saved {saved.get(p)} vs now {current.get(p)}"
+            for p in sorted(set(saved) | set(current)) if saved.get(p) != current.get(p)]
 
 
 class CheckpointSaveError(Molmo2Error):
@@ -135,10 +141,25 @@ class Checkpointer:
                               "unreadable); start a new run_dir or repair them")
         return None
 
-    def saved_model_config(self, step: int) -> Molmo2Config:
-        items = ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
-        saved = self.manager.restore(step, args=items)[CONFIG_ITEM]
-        return from_dict(Molmo2Config, saved["model"])
+    def saved_config(self, step: int) -> dict[str, Any]:
+        """The run config saved with `step`: {"model": ..., "train": ...} as written by `save`."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
+
+    def _check_trained_params(self, step: int, abstract_params: dict[str, Any], saved_train: dict[str, Any]):
+        """The saved state trains the same arrays as this run (a LoRA run: the same adapters), named otherwise."""
+        shape = lambda tree: {p: tuple(x.shape) for p, x in flatten(tree).items()}
+        with ocp.StandardCheckpointer() as reader:  # array metadata only, nothing restored
+            saved = shape(reader.metadata(self.directory / str(step) / STATE_ITEM).item_metadata["params"])
+        current = shape(abstract_params)
+        if saved == current:
+            return
+        lora = saved_train.get("lora", {})
+        was = (f"LoRA adapters (rank {lora.get('rank')}, targets {lora.get('targets')!r})" if lora.get("rank")
+               else "every parameter (no LoRA)")
+        diffs = shape_differences(saved, current)
+        raise ResumeError(f"{self.directory / str(step)}: checkpoint trained {was} and this run trains other arrays "
+                          f"({len(diffs)} differ: {'; '.join(diffs[:2])}); resume with the lora settings it was "
+                          "started with, or use a new run_dir")
 
     def restore(self, step: int, abstract_state: dict[str, Any], model_config: Molmo2Config,
                 data_iterator: Any | None = None) -> dict[str, Any]:
@@ -147,12 +168,13 @@ class Checkpointer:
         import grain
 
         where = self.directory / str(step)
-        saved, current = param_shapes(self.saved_model_config(step)), param_shapes(model_config)
-        diffs = [f"{p}: saved {saved.get(p)} vs now {current.get(p)}"
-                 for p in sorted(set(saved) | set(current)) if saved.get(p) != current.get(p)]
+        saved_config = self.saved_config(step)
+        saved, current = param_shapes(from_dict(Molmo2Config, saved_config["model"])), param_shapes(model_config)
+        diffs = shape_differences(saved, current)
         if diffs:
             raise ResumeError(f"{where}: checkpoint is of another model shape ({len(diffs)} param(s) differ: "
                               f"{'; '.join(diffs[:3])}); use a new run_dir or the same model config")
+        self._check_trained_params(step, abstract_state["params"], saved_config.get("train", {}))
         items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             if not (where / DATA_ITEM).is_dir():
