@@ -329,7 +329,7 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
     missing required ones. Nested dataclass fields, and tuples of them, are read from dicts and lists of dicts."""
     where = path or cls.__name__
     if not isinstance(data or {}, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {data!r}")
+        raise ConfigError(f"{where.rstrip('.')}: expected a mapping of {cls.__name__} keys, got {data!r}")
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

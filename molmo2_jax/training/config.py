@@ -200,7 +200,7 @@ def parse_train_config(data: dict[str, Any]) -> TrainConfig:
         raise
     except ConfigError as e:
         raise TrainConfigError(str(e)) from None
-    except (TypeError, AttributeError) as e:  # a section given as a scalar, e.g. `optimizer: 3`
+    except (TypeError, AttributeError) as e:  # a value of a type no check above expected
         raise TrainConfigError(f"malformed training config: {e}") from None
 
 
