@@ -259,7 +259,8 @@ def trained_run(train_step, tmp_path_factory):
         for file in files:
             (root / name / file).write_text(json.dumps(processor_files().get(file, {})))
     config = train_config(root / "run", **{"model.vocab_from": str(root / "vocab"),
-                                            "data.processor_dir": str(root / "processor")})
+                                            "data.processor_dir": str(root / "processor"),
+                                            "data.sources": [{"path": str(root / "data.jsonl")}]})
     ckpt = Checkpointer(root / "run" / "checkpoints", config.checkpoint)
     ckpt.save(2, train_step.init_state(0), train_step.model_config, config)
     ckpt.wait()
