@@ -15,13 +15,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from molmo2_jax.batch import IGNORED_KEYS, INPUT_KEYS, TOKEN_KEYS, InputError, patch_streams
-from molmo2_jax.checkpoint import converted, hf
+from molmo2_jax.checkpoint.formats import open_checkpoint
 from molmo2_jax.checkpoint.peft import read_adapter
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.lora import LoraConfig, abstract_adapters, applied, combine, merge
 from molmo2_jax.model.molmo2 import Molmo2
-from molmo2_jax.params import flatten, param_shapes, placer, unflatten
-from molmo2_jax.sharding import activate, check_config, logical_to_spec, param_shardings
+from molmo2_jax.params import check_config, flatten
+from molmo2_jax.sharding import activate, logical_to_spec
 
 
 class Molmo2Model:
@@ -106,34 +106,12 @@ def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, ada
     `dtype` sets params and compute dtype; with a `mesh` every param is placed straight into its sharding.
     `adapter`: a PEFT LoRA adapter directory for this base (read before the base), kept beside the base
     kernels or, with `merge_adapter`, added into them."""
-    from molmo2_jax.training.checkpointing import find_step_dir, read_step_config, restore_step_params
-
-    path = Path(path)
-    if not path.is_dir():
-        raise hf.CheckpointError(f"{path}: checkpoint directory does not exist")
-    step_dir = None if converted.is_converted(path) else find_step_dir(path)
-    restore = None
-    if converted.is_converted(path):
-        config, restore = converted.read_config(path), converted.restore_params
-    elif step_dir is not None:
-        path = step_dir
-        config, restore = read_step_config(path), restore_step_params
-    elif not hf.is_hf_checkpoint(path):
-        raise hf.CheckpointError(f"{path}: not a Molmo2 checkpoint (expected config.json + *.safetensors, "
-                                 f"{converted.CONFIG_FILE} + {converted.PARAMS_DIR}/, or a training run)")
-    else:
-        config = hf.read_config(path)
-    config = config.replace(dtype=dtype, param_dtype=dtype, **config_changes)
+    checkpoint = open_checkpoint(path)
+    config = checkpoint.config.replace(dtype=dtype, param_dtype=dtype, **config_changes)
     if mesh is not None:
         check_config(config, mesh)  # a mesh that does not fit fails here, before anything is read
     lora_config, adapters = read_adapter(adapter, config) if adapter is not None else (None, None)
-    if restore is None:
-        params = unflatten(hf.import_params(path, config, param_shapes(config), dtype=dtype,
-                                            place=placer(config, mesh)))
-    else:
-        shapes = unflatten({p: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for p, s in param_shapes(config).items()})
-        shardings = None if mesh is None else param_shardings(config, mesh)
-        params = restore(path, converted.abstract_like(shapes, jnp.dtype(dtype), shardings))
+    params = checkpoint.read_params(config, dtype, mesh)
     if adapters is None:
         return Molmo2Model(config, params, mesh)
     if merge_adapter:

@@ -27,6 +27,13 @@ def fill_value(key: str) -> int:
     return -1 if key.endswith("_token_pooling") else 0
 
 
+def shift_pooling(pooling: Any, offset: Any) -> Any:
+    """Pooling indices `[rows, slots]` moved `offset` patches on, as when their crops or frames come after
+    `offset` patches of others in one vision batch; empty slots (< 0) stay empty. numpy or jax arrays alike;
+    `offset` an int or an array that broadcasts (e.g. one offset per frame)."""
+    return (pooling + (pooling >= 0) * offset).astype(pooling.dtype)
+
+
 class InputError(Molmo2Error):
     """Model inputs that cannot be run (unknown keys, inconsistent visual token counts, too long)."""
 

@@ -1,8 +1,10 @@
 """Typed configuration for Molmo2: vision encoder, connector, language model and the whole model.
 
-`from_hf_config` reads both the released checkpoints' `config.json` (keys `vit_config`, `vit_layers`,
-`rope_theta`, `rope_scaling`, `qkv_bias`, `layer_norm_eps`, ...) and the transformers-native form
-(`vision_config`, `vision_feature_layer`, `rope_parameters`, ...). `to_hf_config` writes the released form.
+Each class translates itself from and to its section of a Hugging Face `config.json` (`from_hf` / `to_hf`):
+`HF_NAMES` lists the HF names of fields named otherwise, the released checkpoints' first (`vit_config`,
+`vit_layers`, `rope_theta`, `qkv_bias`, ...), then the transformers-native form's (`vision_config`,
+`vision_feature_layer`, `rope_parameters`, ...); a key the HF config lacks takes the field's default.
+`to_hf` writes the released form.
 Presets live as YAML in molmo2_jax/configs/ and hold only what differs from the defaults here.
 """
 
@@ -14,7 +16,7 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -52,6 +54,29 @@ class VisionConfig:
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * 3
 
+    # HF names of fields named otherwise: the released form's (`vit_config`) first, then transformers' own
+    HF_NAMES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "num_layers": ("num_hidden_layers",), "num_heads": ("num_attention_heads",),
+        "patch_size": ("image_patch_size", "patch_size"), "image_size": ("image_default_input_size", "image_size")}
+
+    @classmethod
+    def from_hf(cls, vit: dict[str, Any], used_layers: int | None = None) -> VisionConfig:
+        """From `vit_config` / `vision_config`. `used_layers`: the blocks that run (the released files hold only
+        those up to the deepest feature layer, whatever `num_hidden_layers` declares)."""
+        config = _from_hf_section(cls, vit)
+        size = config.image_size
+        if isinstance(size, (list, tuple)):
+            if size[0] != size[1]:
+                raise ConfigError(f"non-square ViT input size {list(size)} is not supported")
+            size = size[0]
+        return dataclasses.replace(config, image_size=int(size), num_layers=used_layers or config.num_layers)
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"model_type": "molmo2", **_to_hf_section(self), "num_key_value_heads": self.num_heads,
+                "image_default_input_size": [self.image_size, self.image_size], "image_num_pos": self.num_patches,
+                "hidden_act": "gelu_pytorch_tanh", "float32_attention": True, "attention_dropout": 0.0,
+                "residual_dropout": 0.0, "initializer_range": 0.02}
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
@@ -64,6 +89,21 @@ class AdapterConfig:
     intermediate_size: int = 9728
     text_hidden_size: int = 2560
 
+    HF_NAMES: ClassVar[dict[str, tuple[str, ...]]] = {"vit_layers": ("vit_layers", "vision_feature_layer"),
+                                                      "num_heads": ("num_attention_heads",)}
+
+    @classmethod
+    def from_hf(cls, adapter: dict[str, Any], declared_vit_layers: int, text_hidden_size: int) -> AdapterConfig:
+        """From `adapter_config`; negative feature layers count from the `declared_vit_layers`."""
+        config = _from_hf_section(cls, adapter, text_hidden_size=text_hidden_size)
+        return dataclasses.replace(config, vit_layers=tuple(int(i) % declared_vit_layers for i in config.vit_layers))
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"model_type": "molmo2", **_to_hf_section(self), "num_key_value_heads": self.num_heads,
+                "hidden_act": "silu", "pooling_attention_mask": True, "float32_attention": True,
+                "attention_dropout": 0.0, "residual_dropout": 0.0, "image_feature_dropout": 0.0,
+                "initializer_range": 0.02}
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -75,6 +115,19 @@ class RopeScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     truncate: bool = True
+
+    HF_NAMES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def from_hf(cls, scaling: dict[str, Any]) -> RopeScaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "yarn":
+            raise ConfigError(f"rope scaling type {kind!r} is not supported (only 'yarn')")
+        return _from_hf_section(cls, scaling)
+
+    def to_hf(self) -> dict[str, Any]:
+        unset = ("attention_factor",) if self.attention_factor is None else ()
+        return {"rope_type": "yarn", **_to_hf_section(self, skip=unset)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +150,33 @@ class TextConfig:
     rope_scaling: RopeScaling | None = None
     rope_scaling_layers: tuple[int, ...] | None = None  # None: all layers use the scaled table
     max_position_embeddings: int = 36864
+
+    HF_NAMES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "num_layers": ("num_hidden_layers",), "num_heads": ("num_attention_heads",),
+        "num_kv_heads": ("num_key_value_heads",), "qkv_bias": ("qkv_bias", "attention_bias"),
+        "layer_norm_eps": ("layer_norm_eps", "rms_norm_eps")}
+
+    @classmethod
+    def from_hf(cls, text: dict[str, Any]) -> TextConfig:
+        """From `text_config`: released (`rope_theta`, `rope_scaling`) or native (`rope_parameters`) rope keys."""
+        if not text.get("use_qk_norm", True):
+            raise ConfigError("text_config.use_qk_norm is false; Molmo2 checkpoints always use q/k RMSNorm")
+        rope = dict(text.get("rope_parameters") or {})
+        scaling = text.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        # no num_key_value_heads: one kv head per head; no rope_theta anywhere: transformers' default
+        config = _from_hf_section(cls, text, num_kv_heads=text.get("num_attention_heads", cls.num_heads),
+                                  rope_theta=rope.get("rope_theta", HF_DEFAULT_ROPE_THETA))
+        layers = config.rope_scaling_layers
+        if layers is not None and sorted(layers) == list(range(config.num_layers)):
+            layers = None  # all layers: the same as none named
+        return dataclasses.replace(config, rope_scaling=RopeScaling.from_hf(scaling) if scaling else None,
+                                   rope_scaling_layers=None if layers is None else tuple(layers))
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"model_type": "molmo2_text", **_to_hf_section(self, skip=("rope_scaling",)),
+                "rope_scaling": self.rope_scaling.to_hf() if self.rope_scaling else None, "hidden_act": "silu",
+                "use_qk_norm": True, "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0,
+                "initializer_range": 0.02, "use_cache": True}
 
     @property
     def embedding_rows(self) -> int:
@@ -131,6 +211,30 @@ class TokenIds:
         """The eight tokens that form the bidirectional attention block."""
         return (self.image_patch, self.image_col, self.image_start, self.low_res_image_start,
                 self.frame_start, self.image_end, self.frame_end, self.image_low_res)
+
+    # Top-level keys of the HF config; the prompt tokens are not in it.
+    HF_NAMES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "image_start": ("image_start_token_id",), "image_end": ("image_end_token_id",),
+        "image_patch": ("image_patch_id",), "image_col": ("image_col_id",),
+        "low_res_image_start": ("low_res_image_start_token_id",), "image_prompt": (),
+        "image_low_res": ("image_low_res_id",), "frame_start": ("frame_start_token_id",),
+        "frame_end": ("frame_end_token_id",), "video_prompt": (), "bos": ("bos_token_id",),
+        "eos": ("eos_token_id",), "pad": ("pad_token_id",)}
+    # The ten Molmo2 tokens have consecutive ids in this order, from <im_start>.
+    ORDER: ClassVar[tuple[str, ...]] = ("image_start", "image_end", "image_patch", "image_col", "low_res_image_start",
+                                        "image_prompt", "image_low_res", "frame_start", "frame_end", "video_prompt")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> TokenIds:
+        """From the top level of a HF config; ids it omits (the native config names fewer) follow `ORDER`."""
+        start = hf.get("image_start_token_id", cls.image_start)
+        config = _from_hf_section(cls, hf, **{name: start + i for i, name in enumerate(cls.ORDER)})
+        eos = config.eos
+        return dataclasses.replace(config, eos=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
+
+    def to_hf(self) -> dict[str, Any]:
+        return {**_to_hf_section(self, skip=("eos",)), "image_high_res_id": self.image_patch,
+                "eos_token_id": self.eos[0] if len(self.eos) == 1 else list(self.eos)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,8 +284,31 @@ class Molmo2Config:
     def replace(self, **changes: Any) -> Molmo2Config:
         return dataclasses.replace(self, **changes).validate()
 
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> Molmo2Config:
+        """From a Molmo2 `config.json` dict: the released form (`vit_config`, `vit_layers`, `rope_theta`, ...) or
+        the transformers-native one (`vision_config`, `vision_feature_layer`, `rope_parameters`, ...)."""
+        if hf.get("model_type") != "molmo2" or "text_config" not in hf:
+            raise ConfigError("config.json is not a Molmo2 config (model_type 'molmo2' with a text_config expected)")
+        vit = hf.get("vit_config") or hf.get("vision_config") or {}
+        text = TextConfig.from_hf(hf["text_config"])
+        adapter = AdapterConfig.from_hf(hf.get("adapter_config") or {},
+                                        vit.get("num_hidden_layers", VisionConfig.num_layers), text.hidden_size)
+        # the released form declares more ViT blocks than its files hold; only those up to the deepest feature
+        # layer exist and run
+        vision = VisionConfig.from_hf(vit, max(adapter.vit_layers) + 1 if "vit_config" in hf else None)
+        return cls(vision=vision, adapter=adapter, text=text, tokens=TokenIds.from_hf(hf)).validate()
+
+    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
+        """The released (hub) form of `config.json`."""
+        return {"architectures": ["Molmo2ForConditionalGeneration"], "model_type": "molmo2", "dtype": dtype,
+                "vit_config": self.vision.to_hf(), "adapter_config": self.adapter.to_hf(),
+                "text_config": self.text.to_hf(), **self.tokens.to_hf(), "tie_word_embeddings": False,
+                "use_cache": True, "use_frame_special_tokens": True}
+
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+HF_DEFAULT_ROPE_THETA = 10000.0  # what transformers assumes when a config names no rope_theta
 # pallas: the TPU kernel of model/pallas_attention.py where blockwise would run (interpret mode off TPU)
 ATTENTION_PATHS = ("auto", "dense", "blockwise", "pallas")
 
@@ -200,19 +327,28 @@ def to_dict(config: Any) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
-    """Plain dict -> dataclass `cls`, rejecting unknown keys with the list of valid ones."""
+    """Plain dict -> dataclass `cls`, rejecting unknown keys (at any depth, with the list of valid ones) and
+    missing required ones. Nested dataclass fields, and tuples of them, are read from dicts and lists of dicts."""
+    where = path or cls.__name__
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"{where.rstrip('.')}: expected a mapping of {cls.__name__} keys, got {data!r}")
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = path or cls.__name__
         raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
+    missing = sorted(name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ConfigError(f"missing config key(s) {missing} in {where}")
     kwargs = {}
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
-        field_type = _resolve(cls, name)
-        if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
+        field_type, item_type = _resolve(hints[name])
+        if field_type is not None and value is not None:
             value = from_dict(field_type, value, f"{path}{name}.")
+        elif item_type is not None and isinstance(value, (list, tuple)):
+            value = tuple(from_dict(item_type, item, f"{path}{name}[{i}].") for i, item in enumerate(value))
         elif isinstance(value, list):
             value = tuple(value)
         _check_scalar(hints[name], value, f"{path}{name}")
@@ -237,13 +373,17 @@ def _check_scalar(hint: Any, value: Any, key: str) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
-def _resolve(cls: type, name: str) -> Any:
-    """The dataclass type of a field (unwrapping `X | None`), or None for plain fields."""
-    hint = typing.get_type_hints(cls)[name]
+def _resolve(hint: Any) -> tuple[type | None, type | None]:
+    """`(dataclass, None)` for a field typed `X` or `X | None`, `(None, dataclass)` for `tuple[X, ...]`, else
+    `(None, None)`."""
     for candidate in (hint, *typing.get_args(hint)):
         if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
+            return candidate, None
+        if typing.get_origin(candidate) is tuple:
+            args = typing.get_args(candidate)
+            if args and dataclasses.is_dataclass(args[0]):
+                return None, args[0]
+    return None, None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -304,155 +444,38 @@ def from_hf_config(hf: dict[str, Any] | str | Path) -> Molmo2Config:
     """Build our config from a Molmo2 `config.json` (path or dict), released or native form."""
     if not isinstance(hf, dict):
         hf = json.loads(Path(hf).read_text())
-    if hf.get("model_type") != "molmo2" or "text_config" not in hf:
-        raise ConfigError("config.json is not a Molmo2 config (model_type 'molmo2' with a text_config expected)")
-    legacy_vision = "vit_config" in hf
-    vit = hf.get("vit_config") or hf.get("vision_config") or {}
-    ad = hf.get("adapter_config") or {}
-    tx = hf["text_config"]
-
-    declared_layers = int(vit.get("num_hidden_layers", 25))
-    feature_layers = ad.get("vit_layers", ad.get("vision_feature_layer", [24, 18]))
-    feature_layers = tuple(int(layer) % declared_layers for layer in feature_layers)
-    image_size = vit.get("image_default_input_size", vit.get("image_size", [378, 378]))
-    if isinstance(image_size, (list, tuple)):
-        if image_size[0] != image_size[1]:
-            raise ConfigError(f"non-square ViT input size {image_size} is not supported")
-        image_size = image_size[0]
-    vision = VisionConfig(
-        hidden_size=vit.get("hidden_size", 1152),
-        intermediate_size=vit.get("intermediate_size", 4304),
-        # Only the blocks up to the deepest feature layer run (and exist in the released files).
-        num_layers=max(feature_layers) + 1 if legacy_vision else declared_layers,
-        num_heads=vit.get("num_attention_heads", 16),
-        head_dim=vit.get("head_dim", 72),
-        patch_size=vit.get("image_patch_size", vit.get("patch_size", 14)),
-        image_size=int(image_size),
-        layer_norm_eps=vit.get("layer_norm_eps", 1e-6),
-    )
-    adapter = AdapterConfig(
-        vit_layers=feature_layers,
-        hidden_size=ad.get("hidden_size", 1152),
-        num_heads=ad.get("num_attention_heads", 16),
-        head_dim=ad.get("head_dim", 72),
-        intermediate_size=ad.get("intermediate_size", 9728),
-        text_hidden_size=ad.get("text_hidden_size", tx.get("hidden_size")),
-    )
-
-    rope = dict(tx.get("rope_parameters") or {})
-    rope_theta = tx.get("rope_theta", rope.get("rope_theta", 10000.0))
-    scaling = tx.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    rope_scaling = None
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "yarn":
-            raise ConfigError(f"rope scaling type {kind!r} is not supported (only 'yarn')")
-        rope_scaling = RopeScaling(
-            factor=float(scaling["factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-            attention_factor=scaling.get("attention_factor"),
-            beta_fast=float(scaling.get("beta_fast") or 32.0),
-            beta_slow=float(scaling.get("beta_slow") or 1.0),
-            truncate=bool(scaling.get("truncate", True)),
-        )
-    num_layers = tx.get("num_hidden_layers", 36)
-    scaled_layers = tx.get("rope_scaling_layers")
-    if scaled_layers is not None and sorted(scaled_layers) == list(range(num_layers)):
-        scaled_layers = None
-    if not tx.get("use_qk_norm", True):
-        raise ConfigError("text_config.use_qk_norm is false; Molmo2 checkpoints always use q/k RMSNorm")
-    text = TextConfig(
-        hidden_size=tx.get("hidden_size", 2560),
-        intermediate_size=tx.get("intermediate_size", 9728),
-        num_layers=num_layers,
-        num_heads=tx.get("num_attention_heads", 32),
-        num_kv_heads=tx.get("num_key_value_heads", tx.get("num_attention_heads", 32)),
-        head_dim=tx.get("head_dim", 128),
-        vocab_size=tx.get("vocab_size", 151936),
-        additional_vocab_size=tx.get("additional_vocab_size", 128),
-        qk_norm_type=tx.get("qk_norm_type", "qwen3"),
-        norm_after=bool(tx.get("norm_after", False)),
-        qkv_bias=bool(tx.get("qkv_bias", tx.get("attention_bias", False))),
-        layer_norm_eps=tx.get("layer_norm_eps", tx.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
-        rope_scaling=rope_scaling,
-        rope_scaling_layers=tuple(scaled_layers) if scaled_layers is not None else None,
-        max_position_embeddings=tx.get("max_position_embeddings", 36864),
-    )
-    defaults = TokenIds()
-    patch = hf.get("image_patch_id", defaults.image_patch)
-    start = hf.get("image_start_token_id", defaults.image_start)
-    # Ids the native config omits follow the fixed order of the ten Molmo2 tokens from <im_start>.
-    tokens = TokenIds(
-        image_start=start,
-        image_end=hf.get("image_end_token_id", start + 1),
-        image_patch=patch,
-        image_col=hf.get("image_col_id", start + 3),
-        low_res_image_start=hf.get("low_res_image_start_token_id", start + 4),
-        image_prompt=start + 5,
-        image_low_res=hf.get("image_low_res_id", start + 6),
-        frame_start=hf.get("frame_start_token_id", start + 7),
-        frame_end=hf.get("frame_end_token_id", start + 8),
-        video_prompt=start + 9,
-        bos=hf.get("bos_token_id", defaults.bos),
-        eos=_as_tuple(hf.get("eos_token_id", defaults.eos)),
-        pad=hf.get("pad_token_id", defaults.pad),
-    )
-    return Molmo2Config(vision=vision, adapter=adapter, text=text, tokens=tokens).validate()
-
-
-def _as_tuple(value: int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    return Molmo2Config.from_hf(hf)
 
 
 def to_hf_config(config: Molmo2Config, dtype: str = "float32") -> dict[str, Any]:
     """Our config -> a `config.json` dict in the released (hub) form."""
-    v, a, t, k = config.vision, config.adapter, config.text, config.tokens
-    rope_scaling = None
-    if t.rope_scaling is not None:
-        s = t.rope_scaling
-        rope_scaling = {"rope_type": "yarn", "factor": s.factor,
-                        "original_max_position_embeddings": s.original_max_position_embeddings,
-                        "beta_fast": s.beta_fast, "beta_slow": s.beta_slow, "truncate": s.truncate}
-        if s.attention_factor is not None:
-            rope_scaling["attention_factor"] = s.attention_factor
-    return {
-        "architectures": ["Molmo2ForConditionalGeneration"],
-        "model_type": "molmo2",
-        "dtype": dtype,
-        "vit_config": {
-            "model_type": "molmo2", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads,
-            "num_key_value_heads": v.num_heads, "head_dim": v.head_dim, "hidden_act": "gelu_pytorch_tanh",
-            "image_default_input_size": [v.image_size, v.image_size], "image_patch_size": v.patch_size,
-            "image_num_pos": v.num_patches, "layer_norm_eps": v.layer_norm_eps, "float32_attention": True,
-            "attention_dropout": 0.0, "residual_dropout": 0.0, "initializer_range": 0.02,
-        },
-        "adapter_config": {
-            "model_type": "molmo2", "vit_layers": list(a.vit_layers), "hidden_size": a.hidden_size,
-            "num_attention_heads": a.num_heads, "num_key_value_heads": a.num_heads, "head_dim": a.head_dim,
-            "hidden_act": "silu", "intermediate_size": a.intermediate_size,
-            "text_hidden_size": a.text_hidden_size, "pooling_attention_mask": True, "float32_attention": True,
-            "attention_dropout": 0.0, "residual_dropout": 0.0, "image_feature_dropout": 0.0,
-            "initializer_range": 0.02,
-        },
-        "text_config": {
-            "model_type": "molmo2_text", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim, "vocab_size": t.vocab_size,
-            "additional_vocab_size": t.additional_vocab_size, "hidden_act": "silu",
-            "use_qk_norm": True, "qk_norm_type": t.qk_norm_type,
-            "norm_after": t.norm_after, "qkv_bias": t.qkv_bias, "layer_norm_eps": t.layer_norm_eps,
-            "rope_theta": t.rope_theta, "rope_scaling": rope_scaling,
-            "rope_scaling_layers": list(t.rope_scaling_layers) if t.rope_scaling_layers is not None else None,
-            "max_position_embeddings": t.max_position_embeddings, "attention_dropout": 0.0,
-            "residual_dropout": 0.0, "embedding_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-        },
-        "image_start_token_id": k.image_start, "image_end_token_id": k.image_end,
-        "image_patch_id": k.image_patch, "image_high_res_id": k.image_patch, "image_col_id": k.image_col,
-        "low_res_image_start_token_id": k.low_res_image_start, "image_low_res_id": k.image_low_res,
-        "frame_start_token_id": k.frame_start, "frame_end_token_id": k.frame_end,
-        "bos_token_id": k.bos, "eos_token_id": k.eos[0] if len(k.eos) == 1 else list(k.eos),
-        "pad_token_id": k.pad, "tie_word_embeddings": False, "use_cache": True,
-        "use_frame_special_tokens": True,
-    }
+    return config.to_hf(dtype)
+
+
+def _from_hf_section(cls: type, section: dict[str, Any], **given: Any) -> Any:
+    """`cls` from one section of a HF config: each field from the first of its HF names (`cls.HF_NAMES`, else the
+    field's own name) that the section has, else `given`, else the field's default."""
+    hints = typing.get_type_hints(cls)
+    values = {name: _as_hinted(hints[name], value) for name, value in given.items()}
+    for field in dataclasses.fields(cls):
+        key = next((k for k in cls.HF_NAMES.get(field.name, (field.name,)) if section.get(k) is not None), None)
+        if key is not None:
+            values[field.name] = _as_hinted(hints[field.name], section[key])
+    return cls(**values)
+
+
+def _as_hinted(hint: Any, value: Any) -> Any:
+    """JSON numbers and flags as the field types them (`32` for a float field is 32.0, `0` for a bool False)."""
+    options = typing.get_args(hint) or (hint,)
+    if bool in options:
+        return bool(value)
+    if float in options and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def _to_hf_section(config: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The released-form (first) HF names of `config`'s fields and their values (tuples as lists)."""
+    names = type(config).HF_NAMES
+    return {names.get(f.name, (f.name,))[0]: to_dict(getattr(config, f.name))
+            for f in dataclasses.fields(config) if f.name not in skip and names.get(f.name, (f.name,))}

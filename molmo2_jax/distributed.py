@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from molmo2_jax.batch import shift_pooling
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.sharding import BATCH_AXES, MeshError, describe_mesh
 
@@ -147,7 +148,7 @@ def global_batch(local: Mapping[str, np.ndarray],
         pixels = POOLING.get(key)
         if pixels in local:  # global index = local index + the patches of the crops / frames before this block
             offset = starts[pixels] * np.shape(local[pixels])[axis + 1]
-            value = np.where(value >= 0, value + offset, -1).astype(value.dtype)
+            value = shift_pooling(value, offset)
         out[key] = jax.make_array_from_process_local_data(placement[key], value, spec[key].shape)
     return out
 

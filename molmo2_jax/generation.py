@@ -16,16 +16,18 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molmo2_jax.api import INPUT_KEYS, InputError, Molmo2Model
-from molmo2_jax.batch import fill_value
+from molmo2_jax.batch import INPUT_KEYS, InputError, fill_value
 from molmo2_jax.model.molmo2 import init_cache
 from molmo2_jax.sharding import cache_shardings
+
+if TYPE_CHECKING:  # api imports this module when a model generates
+    from molmo2_jax.api import Molmo2Model
 
 PROMPT_BUCKET = 64
 CACHE_BUCKET = 128

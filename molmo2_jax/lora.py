@@ -117,11 +117,11 @@ def abstract_adapters(model_config: Molmo2Config, config: LoraConfig) -> dict[st
 
     Raises ConfigError, before anything is compiled, when the targets match no Dense kernel or match other
     params, or the rank exceeds a target's in or out size."""
-    from molmo2_jax.params import abstract_params, flatten, unflatten
+    from molmo2_jax.params import flatten, trace_params, unflatten
 
     mode = _Mode(config, create=True, deterministic=True)
     with nn.intercept_methods(_intercept(mode)):
-        flat = flatten(abstract_params(model_config))
+        flat = flatten(trace_params(model_config))
     pattern = re.compile(config.targets)
     if not mode.seen:
         raise ConfigError(f"lora.targets {config.targets!r} matches no linear layer; kernel paths look like "

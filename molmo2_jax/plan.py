@@ -23,8 +23,8 @@ from jax.sharding import AxisType, Mesh
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.attention import tile_size, uses_blockwise
-from molmo2_jax.params import flatten, param_shapes
-from molmo2_jax.sharding import MESH_AXES, MeshError, check_config, describe_mesh, mesh_shape
+from molmo2_jax.params import check_config, flatten, param_shapes
+from molmo2_jax.sharding import MESH_AXES, MeshError, describe_mesh, mesh_shape
 from molmo2_jax.training.config import TrainConfig
 from molmo2_jax.training.step import make_train_step
 
@@ -43,7 +43,7 @@ class Workload:
     batch: int
     seq: int
     crops: int = 9  # 1 global view + 8 tiles: the released image default
-    tokens: int = 1162  # pooled tokens of a 2x4-tiled image (spec 4.2); must be <= seq
+    tokens: int = 1162  # pooled tokens of a 2x4-tiled image; must be <= seq
     pool: int = 4  # 2x2 windows for images, 9 for 3x3 video windows
 
 

@@ -5,8 +5,9 @@ Every param is declared with logical names (model/layers.py) and key activations
 `("data", "fsdp", "sequence", "tensor")`. All four axes always exist (size 1 when unused).
 
 Flax resolves the table by priority and silently skips a rule whose mesh axis is already taken by another
-dim of the same array; `logical_to_spec` instead refuses such a collision, and `check_config` runs it over
+dim of the same array; `logical_to_spec` instead refuses such a collision, and `params.check_config` runs it over
 every param together with the divisibility checks, so a bad mesh fails in one line before any compilation.
+This module knows nothing of the model: the params' shapes and names come from `molmo2_jax.params`.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class MeshError(Molmo2Error):
     """A mesh specification does not fit the available devices or the model."""
 
 
-def _check_table(rules: Sequence[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
+def check_table(rules: Sequence[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
     """The rules as `{logical: (mesh axes...)}`; each logical name once, only known mesh axes."""
     table: dict[str, tuple[str, ...]] = {}
     for name, target in rules:
@@ -80,7 +81,7 @@ def _check_table(rules: Sequence[tuple[str, Any]]) -> dict[str, tuple[str, ...]]
     return table
 
 
-_TABLE = _check_table(LOGICAL_RULES)
+_TABLE = check_table(LOGICAL_RULES)
 
 
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
@@ -175,46 +176,14 @@ def activate(mesh: Mesh | None) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checking a config against a mesh, and the shardings of params, batches and the KV cache
+# Shardings of batches and the KV cache
 
 
-def check_config(config, mesh: Mesh) -> None:
-    """Fail fast, before any compilation, when `config` cannot be laid out on `mesh`: head counts not divisible
-    by the tensor axis, a param dim not divisible by the mesh axes the rules give it, or a rules collision."""
-    from molmo2_jax.params import logical_names, param_shapes  # params imports this module
-
-    tensor = mesh.shape["tensor"]
-    heads = {"text.num_heads": config.text.num_heads, "text.num_kv_heads": config.text.num_kv_heads,
-             "vision.num_heads": config.vision.num_heads, "adapter.num_heads": config.adapter.num_heads}
-    for field, count in heads.items():
-        if count % tensor:
-            raise MeshError(f"{field} = {count} is not divisible by the tensor axis of the mesh (tensor={tensor}); "
-                            f"choose a tensor size that divides every head count")
-    shapes = param_shapes(config)
-    problems = []
-    for path, names in logical_names(config).items():
-        spec = logical_to_spec(names)
-        for dim, axes in zip(shapes[path], spec):
-            size = _axes_size(mesh, axes)
-            if dim % size:
-                problems.append(f"{path} dim {dim} over {axes} (size {size})")
-    if problems:
-        raise MeshError(f"{len(problems)} param(s) cannot be split evenly on mesh {describe_mesh(mesh)}: "
-                        + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""))
-
-
-def _axes_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+def axes_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    """How many devices the mesh axes of one spec entry span."""
     if axes is None:
         return 1
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-
-
-def param_shardings(config, mesh: Mesh) -> dict[str, Any]:
-    """The nested tree of `NamedSharding`s of every param (after `check_config`)."""
-    from molmo2_jax.params import logical_names, unflatten
-
-    check_config(config, mesh)
-    return unflatten({p: NamedSharding(mesh, logical_to_spec(n)) for p, n in logical_names(config).items()})
 
 
 def _fitting(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:

@@ -1,7 +1,7 @@
 """The checkpoint's own chat template, rendered by our processor exactly as transformers' renders it.
 
 Every case loads our `Molmo2Processor` and transformers' from the same directory. The two templates
-below are written for these tests: QUIRKS behaves like the released Molmo2 template (spec 4.6: a space
+below are written for these tests: QUIRKS behaves like the released Molmo2 template (a space
 before every assistant turn taken from a message, an exception when roles do not alternate, a
 `style` of None written "None: ", empty text parts counted when parts are joined); PLAIN is an
 ordinary multi-line template that leans on trim_blocks / lstrip_blocks, loop controls and the

@@ -36,7 +36,7 @@ def test_presets_and_recipes_ship_inside_the_package():
     assert {"molmo2-4b", "molmo2-8b", "molmo2-o-7b", "tiny"} <= set(packaged_configs())
     assert {"tiny", "molmo2-8b-sft"} <= set(packaged_configs("train"))
     assert load_preset("molmo2-8b", ["text.num_layers=2"]).text.num_layers == 2
-    assert load_train_config("tiny").model["preset"] == "tiny"
+    assert load_train_config("tiny").model.preset == "tiny"
 
 
 def test_a_users_yaml_file_works(tmp_path):

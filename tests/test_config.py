@@ -106,3 +106,52 @@ def test_unknown_keys_list_the_valid_ones_and_overrides_parse_numbers():
         from_dict(Molmo2Config, {"text": {"hiden_size": 3}})
     data = apply_overrides({}, ["train.lr=3e-4", "mesh.fsdp=-1", "run_dir=runs/x"])
     assert data == {"train": {"lr": 3e-4}, "mesh": {"fsdp": -1}, "run_dir": "runs/x"}
+
+
+def _set_keys_agree(ref: dict, back: dict, where: str) -> None:
+    """Every key the reference config sets has the same value after the round trip (dicts: the keys it sets)."""
+    for key, value in ref.items():
+        if value is None or key in ("transformers_version", "architectures", "dtype") or str(key).endswith("_config"):
+            continue
+        got = back.get(key)
+        if isinstance(value, dict):
+            _set_keys_agree(value, got, f"{where}.{key}")
+        else:
+            assert got == value, f"{where}.{key}: {value!r} became {got!r}"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo3"])
+def test_tiny_reference_config_round_trips_hf_ours_hf(family):
+    """transformers' config (native form) -> ours -> the released form -> transformers: the same architecture;
+    and ours -> released form -> ours is the identity."""
+    from ref_model import tiny_config
+
+    ref = tiny_config(family)
+    ours = from_hf_config(ref.to_dict())
+    back = transformers.Molmo2Config(**to_hf_config(ours))
+    layers = ref.vision_config.num_hidden_layers
+    for section in ("text_config", "vision_config", "adapter_config"):
+        expected = getattr(ref, section).to_dict()
+        if section == "adapter_config":  # negative feature layers count from the last ViT block
+            expected["vision_feature_layer"] = [i % layers for i in expected["vision_feature_layer"]]
+        _set_keys_agree(expected, getattr(back, section).to_dict(), section)
+    _set_keys_agree(ref.to_dict(), back.to_dict(), "config")
+    assert from_hf_config(to_hf_config(ours)) == ours
+
+
+@pytest.mark.parametrize("preset", ["molmo2-4b", "molmo2-8b", "molmo2-o-7b"])
+def test_released_presets_round_trip(preset):
+    """A preset's released form reads back as the preset, writes back as the same config.json, and transformers
+    reads it into the preset's architecture."""
+    ours = load_preset(preset)
+    hf = to_hf_config(ours)
+    assert from_hf_config(hf) == ours
+    assert to_hf_config(from_hf_config(json.loads(json.dumps(hf)))) == hf
+    ref = transformers.Molmo2Config(**hf)
+    text = ours.text
+    assert (ref.text_config.num_hidden_layers, ref.text_config.hidden_size, ref.text_config.num_key_value_heads,
+            ref.text_config.qk_norm_type, ref.text_config.norm_after) == (
+        text.num_layers, text.hidden_size, text.num_kv_heads, text.qk_norm_type, text.norm_after)
+    assert ref.text_config.rope_parameters["rope_theta"] == text.rope_theta
+    assert ref.vision_config.num_hidden_layers == ours.vision.num_layers
+    assert list(ref.adapter_config.vision_feature_layer) == list(ours.adapter.vit_layers)

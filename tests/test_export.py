@@ -70,6 +70,9 @@ def test_round_trip_is_bit_identical(released, tmp_path):
             assert sorted(f.keys()) == sorted(k for k, v in index["weight_map"].items() if v == shard)
             assert sum(f.get_tensor(k).nbytes for k in f.keys()) <= 300_000 or len(list(f.keys())) == 1
     assert (tmp_path / "hf" / "generation_config.json").is_file()
+    export_to_hf(src, tmp_path / "direct", log=None)  # a Hugging Face source, exported without converting first
+    direct = read_tensors(tmp_path / "direct")
+    assert sorted(direct) == sorted(after) and all(direct[n].tobytes() == v.tobytes() for n, v in after.items())
 
 
 def test_round_trip_of_save_pretrained_output(reference, tmp_path):
@@ -183,7 +186,10 @@ def test_bad_inputs_one_line_errors_nothing_written(reference, tmp_path, capsys)
     assert "destination exists and is not empty (pass --overwrite" in run(str(tmp_path / "jax"), str(dst))
     assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
 
-    assert "not a converted or training checkpoint" in run(str(src), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    message = run(str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert f"{tmp_path / 'empty'}: not a Molmo2 checkpoint; expected a Hugging Face directory" in message
+    assert "--step 3 needs a training run directory" in run(str(tmp_path / "jax"), str(tmp_path / "out"), "--step", "3")
     assert "checkpoint directory does not exist" in run(str(tmp_path / "nowhere"), str(tmp_path / "out"))
 
     # Params that do not match the saved config (another model's params under this config).

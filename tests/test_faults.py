@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from batches import synthetic_batches
 from test_data_common import synthetic_root  # noqa: F401  (fixture)
-from test_data_pipeline import _bad_manifest, _config
+from test_data_pipeline import bad_manifest, pipeline_config
 from test_export import read_tensors
 from test_training import (  # noqa: F401  (train_step: fixture)
     PREEMPT_SETTINGS,
     run_watching_stdout,
-    synthetic_batches,
     train_config,
     train_step,
 )
@@ -259,7 +259,8 @@ def trained_run(train_step, tmp_path_factory):
         for file in files:
             (root / name / file).write_text(json.dumps(processor_files().get(file, {})))
     config = train_config(root / "run", **{"model.vocab_from": str(root / "vocab"),
-                                            "data.processor_dir": str(root / "processor")})
+                                            "data.processor_dir": str(root / "processor"),
+                                            "data.sources": [{"path": str(root / "data.jsonl")}]})
     ckpt = Checkpointer(root / "run" / "checkpoints", config.checkpoint)
     ckpt.save(2, train_step.init_state(0), train_step.model_config, config)
     ckpt.wait()
@@ -341,8 +342,8 @@ def test_max_bad_fraction_stop_saves_the_current_step_first(train_step, tmp_path
 
 
 def test_bad_examples_are_warned_once_per_run_and_counted(tmp_path, synthetic_root, caplog):  # noqa: F811
-    manifest = _bad_manifest(tmp_path, 12)
-    config = _config(synthetic_root, sources=(Source(str(manifest)),), num_epochs=3, max_bad_fraction=0.3)
+    manifest = bad_manifest(tmp_path, 12)
+    config = pipeline_config(synthetic_root, sources=(Source(str(manifest)),), num_epochs=3, max_bad_fraction=0.3)
     take_bad_example_summary()
     with caplog.at_level(logging.WARNING, logger="molmo2_jax.data.pipeline"):
         assert len(list(examples(config))) == 36

@@ -25,7 +25,7 @@ from molmo2_jax.grounding import (
     parse,
     parse_count,
 )
-from molmo2_jax.grounding.draw import _write_atomic
+from molmo2_jax.grounding.draw import write_atomic
 
 
 def xy(points):
@@ -561,5 +561,5 @@ def test_failed_write_leaves_nothing(tmp_path):
         raise RuntimeError("encoder failed")
 
     with pytest.raises(RuntimeError):
-        _write_atomic(tmp_path / "out.gif", write)
+        write_atomic(tmp_path / "out.gif", write)
     assert list(tmp_path.iterdir()) == []

@@ -143,7 +143,7 @@ def test_checkpoint_of_another_shape_fails_with_the_tensors_named(llm, vit, tmp_
 
 def test_sft_starts_from_a_molmo2_checkpoint_or_a_training_step(tmp_path):
     """init.kind molmo2: the released-layout HF checkpoint's params (as `molmo2_jax.load` reads them), or the
-    params of a training run's step directory, become the train state's params."""
+    params of a training run or of its step directory, become the train state's params."""
     from ref_model import make_reference
 
     import molmo2_jax
@@ -164,9 +164,10 @@ def test_sft_starts_from_a_molmo2_checkpoint_or_a_training_step(tmp_path):
     checkpointer = Checkpointer(tmp_path / "run", train.checkpoint)
     checkpointer.save(3, state, config, train)
     checkpointer.wait()
-    sft = parse_train_config({"run_dir": str(tmp_path / "sft"),
-                              "init": {"kind": "molmo2", "checkpoint": str(tmp_path / "run" / "3")}})
-    assert resolve_model_config(sft) == config
-    restored = starting_state(make_train_step(config, sft))
-    assert all(np.array_equal(np.asarray(x), expected[p]) for p, x in flatten(restored["params"]).items())
-    assert int(restored["step"]) == 0  # a new run: fresh optimizer state and step
+    for start in (tmp_path / "run" / "3", tmp_path / "run"):  # a step directory, or a run (its latest step)
+        sft = parse_train_config({"run_dir": str(tmp_path / "sft"),
+                                  "init": {"kind": "molmo2", "checkpoint": str(start)}})
+        assert resolve_model_config(sft) == config
+        restored = starting_state(make_train_step(config, sft))
+        assert all(np.array_equal(np.asarray(x), expected[p]) for p, x in flatten(restored["params"]).items())
+        assert int(restored["step"]) == 0  # a new run: fresh optimizer state and step

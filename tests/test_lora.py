@@ -132,7 +132,8 @@ def test_zero_b_is_the_base_model(reference):
 
 
 def test_kill_and_resume_gives_identical_losses(tmp_path):
-    from test_training import MODEL, Kill, killed_after, synthetic_batches
+    from batches import synthetic_batches
+    from test_training import MODEL, Kill, killed_after
 
     ts = make_train_step(MODEL, lora_train_config(tmp_path, dropout=0.1))
     ts.set_base(0)
@@ -234,7 +235,8 @@ def test_generate_with_adapter_matches_peft(checkpoint, media, capsys, tmp_path)
 
 def test_gradient_accumulation_with_remat_equals_one_large_batch(tmp_path):
     """LoRA on the ViT, connector and LLM, layers rematerialised: 4 micro-batches of 1 = one batch of 4."""
-    from test_training import MODEL, collate, example
+    from batches import collate, example
+    from test_training import MODEL
 
     examples = [example(10 + i, i % 2 == 0) for i in range(4)]
     model = MODEL.replace(remat_policy="full")

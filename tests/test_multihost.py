@@ -65,9 +65,9 @@ def _logits(ts, params, batch):
 
 def _examples(config, index: int, host: int) -> dict[str, np.ndarray]:
     """Host `host`'s examples of micro-batch `index`, pooling indices into its own crops."""
-    from test_sharding import _batch
+    from batches import training_batch
 
-    return _batch(config, batch=ROWS, seed=10 * index + host)
+    return training_batch(config, batch=ROWS, seed=10 * index + host)
 
 
 def _host_micro_batch(config, index: int, host: int) -> dict[str, np.ndarray]:
@@ -84,12 +84,14 @@ def _host_micro_batch(config, index: int, host: int) -> dict[str, np.ndarray]:
 
 def _merged_micro_batch(config, index: int) -> dict[str, np.ndarray]:
     """Micro-batch `index` as one process sees it: both hosts' examples, pooling indices into all crops."""
+    from molmo2_jax.batch import shift_pooling
+
     parts = [_examples(config, index, host) for host in (0, 1)]
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     shift = len(parts[0]["pixel_values"]) * config.vision.num_patches
     pooling = parts[1]["image_token_pooling"]
     merged["image_token_pooling"] = np.concatenate([parts[0]["image_token_pooling"],
-                                                    np.where(pooling >= 0, pooling + shift, -1)])
+                                                    shift_pooling(pooling, shift)])
     return merged
 
 

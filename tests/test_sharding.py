@@ -21,49 +21,26 @@ MESHES = {"data8": {"data": 8}, "fsdp8": {"fsdp": 8}, "d2f2t2": {"data": 2, "fsd
 TINY_OVERRIDES = ["vision.image_size=56"]  # 4x4 patches per crop keeps the ViT cheap
 
 
-def _batch(config, batch: int = 8, seq: int = 24, seed: int = 0):
-    """A padded training batch: per example one crop, 4 pooled tokens after a low-res start token, text."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    k, v = config.tokens, config.vision
-    ids = rng.integers(1, config.text.vocab_size, (batch, seq))
-    ids[:, 1], ids[:, 2:6], ids[:, 6] = k.low_res_image_start, k.image_patch, k.image_end
-    mask = np.ones((batch, seq), np.int32)
-    mask[1, -5:] = 0  # a right-padded example
-    ids[1, -5:] = k.pad
-    pooling = np.stack([rng.choice(v.num_patches, 4, replace=False) + b * v.num_patches
-                        for b in range(batch) for _ in range(4)]).astype(np.int32)
-    pooling[3, 2:] = -1  # a partly empty window
-    weights = (mask * (np.arange(seq) > 6) * (np.arange(seq) < seq - 1)).astype(np.float32)
-    return {"input_ids": ids.astype(np.int32), "attention_mask": mask, "segment_ids": mask,
-            "mm_token_type_ids": np.isin(ids, k.multimodal).astype(np.int32),
-            "pixel_values": rng.standard_normal((batch, v.num_patches, v.patch_dim)).astype(np.float32),
-            "image_token_pooling": pooling, "loss_weights": weights,
-            "target_ids": np.roll(ids, -1, axis=1).clip(0, config.text.vocab_size - 1).astype(np.int32)}
-
-
 def _worker() -> None:
     """Run every mesh case on 8 simulated devices; print one JSON line of results."""
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
     jax.config.update("jax_default_matmul_precision", "highest")
-    import flax.linen as nn
     import numpy as np
+    from batches import training_batch
     from jax.sharding import NamedSharding, PartitionSpec
 
     from molmo2_jax.config import load_preset
     from molmo2_jax.model.molmo2 import Molmo2
-    from molmo2_jax.params import _dummy_inputs, flatten, logical_names
-    from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh, param_shardings
+    from molmo2_jax.params import flatten, init_params, logical_names
+    from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh
     from molmo2_jax.training.loss import weighted_sums
     from molmo2_jax.training.step import MODEL_KEYS
 
     config = load_preset("tiny", TINY_OVERRIDES)
     module = Molmo2(config)
-    batch = _batch(config)
-    init = lambda: nn.unbox(module.init(jax.random.key(0), **_dummy_inputs(config))["params"])
+    batch = training_batch(config)
 
     def loss(params, b):
         logits = module.apply({"params": params}, **{k: b[k] for k in MODEL_KEYS if k in b})[0]
@@ -72,7 +49,7 @@ def _worker() -> None:
 
     # one compiled function per mesh: loss, logits and gradients of a training step
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    ref_params = jax.jit(init)()
+    ref_params = init_params(config)
     (ref_loss, ref_logits), ref_grads = jax.device_get(step(ref_params, batch))
     names = logical_names(config)
     leaves = jax.tree_util.tree_leaves
@@ -82,7 +59,7 @@ def _worker() -> None:
     for case, spec in MESHES.items():
         mesh = make_mesh(spec)
         with activate(mesh):
-            params = jax.jit(init, out_shardings=param_shardings(config, mesh))()  # born sharded
+            params = init_params(config, mesh=mesh)  # born sharded
             (got_loss, logits), grads = step(params, jax.device_put(batch, batch_shardings(mesh, batch)))
         wrong = [p for p, x in flatten(params).items()
                  if not x.sharding.is_equivalent_to(NamedSharding(mesh, logical_to_spec(names[p])), x.ndim)]
@@ -137,8 +114,8 @@ def test_no_large_param_left_replicated(preset, mesh):
     import jax.numpy as jnp
 
     from molmo2_jax.config import load_preset
-    from molmo2_jax.params import logical_names, param_shapes
-    from molmo2_jax.sharding import check_config, logical_to_spec
+    from molmo2_jax.params import check_config, logical_names, param_shapes
+    from molmo2_jax.sharding import logical_to_spec
 
     config = load_preset(preset)
     abstract = _abstract_mesh(**mesh)
@@ -161,7 +138,7 @@ def test_preset_parameter_counts_match_the_spec(preset, total):
 
 
 def test_rules_table_rejects_collisions_and_unknown_names():
-    from molmo2_jax.sharding import MeshError, _check_table, logical_to_spec
+    from molmo2_jax.sharding import MeshError, check_table, logical_to_spec
 
     assert tuple(logical_to_spec(("layers", "embed", "heads", "head_dim"))) == (None, "fsdp", "tensor", None)
     with pytest.raises(MeshError, match="both map to mesh axis 'fsdp'"):
@@ -169,14 +146,15 @@ def test_rules_table_rejects_collisions_and_unknown_names():
     with pytest.raises(MeshError, match="no sharding rule"):
         logical_to_spec(("embed", "nonsense"))
     with pytest.raises(MeshError, match="twice"):
-        _check_table((("embed", "fsdp"), ("embed", "tensor")))
+        check_table((("embed", "fsdp"), ("embed", "tensor")))
     with pytest.raises(MeshError, match="unknown mesh axes"):
-        _check_table((("embed", "model"),))
+        check_table((("embed", "model"),))
 
 
 def test_mesh_errors_name_the_problem():
     from molmo2_jax.config import load_preset
-    from molmo2_jax.sharding import MeshError, check_config, make_mesh, parse_mesh
+    from molmo2_jax.params import check_config
+    from molmo2_jax.sharding import MeshError, make_mesh, parse_mesh
 
     assert parse_mesh("fsdp=64,tensor=2") == {"fsdp": 64, "tensor": 2}
     with pytest.raises(MeshError, match="has 16 devices but 1 are available"):

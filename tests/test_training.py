@@ -13,10 +13,10 @@ import sys
 import threading
 from pathlib import Path
 
-import grain
 import jax
 import numpy as np
 import pytest
+from batches import collate, example, synthetic_batches
 
 from molmo2_jax.config import load_preset
 from molmo2_jax.params import flatten
@@ -26,47 +26,6 @@ from molmo2_jax.training.loop import NanLossError, Trainer, initial_state, stack
 from molmo2_jax.training.step import make_train_step
 
 MODEL = load_preset("tiny")
-TOK = MODEL.tokens
-SEQ, POOLED, CROPS = 24, 6, 1
-
-
-def example(seed: int, with_image: bool) -> dict[str, np.ndarray]:
-    """One packed-free example in the batch contract (no leading batch axis on visual arrays)."""
-    rng = np.random.default_rng(seed)
-    ids = list(rng.integers(1, 250, 4))
-    if with_image:
-        ids += [TOK.low_res_image_start] + [TOK.image_patch] * POOLED + [TOK.image_end]
-    ids += list(rng.integers(1, 250, SEQ - len(ids) - 3))
-    n = len(ids)
-    input_ids = np.array(ids + [TOK.pad] * (SEQ - n), np.int32)
-    pooling = np.full((POOLED + 2, 4), -1, np.int32)  # two padding rows
-    if with_image:
-        pooling[:POOLED] = rng.integers(0, CROPS * 729, (POOLED, 4))
-    targets = np.roll(input_ids, -1)
-    weights = ((np.arange(SEQ) < n - 1) & ~np.isin(targets, MODEL.tokens.multimodal)).astype(np.float32)
-    return {"input_ids": input_ids, "mm_token_type_ids": np.isin(input_ids, TOK.multimodal).astype(np.int32),
-            "segment_ids": (np.arange(SEQ) < n).astype(np.int32), "position_ids": np.arange(SEQ, dtype=np.int32),
-            "target_ids": targets.astype(np.int32), "loss_weights": weights,
-            "pixel_values": rng.uniform(-1, 1, (CROPS, 729, 588)).astype(np.float32) * with_image,
-            "image_token_pooling": pooling}
-
-
-def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Examples -> one batch: tokens stacked, crops concatenated, pooling indices shifted into the concat."""
-    out = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k not in ("pixel_values",
-                                                                                   "image_token_pooling")}
-    out["pixel_values"] = np.concatenate([e["pixel_values"] for e in examples])
-    out["image_token_pooling"] = np.concatenate(
-        [np.where(e["image_token_pooling"] >= 0, e["image_token_pooling"] + i * CROPS * 729, -1)
-         for i, e in enumerate(examples)])
-    return out
-
-
-def synthetic_batches(batch_size: int, seed: int = 0) -> grain.DatasetIterator:
-    """A checkpointable Grain iterator of random batches, every other example with an image."""
-    def make(i):
-        return collate([example(seed + i * batch_size + j, (i + j) % 2 == 0) for j in range(batch_size)])
-    return iter(grain.MapDataset.range(10_000).map(make).to_iter_dataset())
 
 
 def train_config(tmp_path, **changes):
@@ -193,6 +152,31 @@ def test_unknown_config_key_lists_valid_keys(tmp_path):
         load_train_config(path, ["optimizer={}", "stepz=3"])
 
 
+SOURCES = "processor_dir: tok, sources: [{path: ds}]"
+
+
+@pytest.mark.parametrize("section, message", [
+    ("data: {processor_dir: tok, sources: [{path: ds, splt: train}]}",
+     r"unknown config key\(s\) \['splt'\] in data\.sources\[0\]\.; valid keys: \[.*'split'"),
+    (f"data: {{{SOURCES}, buckets: [{{seq_len: 64, max_crop: 2}}]}}",
+     r"unknown config key\(s\) \['max_crop'\] in data\.buckets\[0\]\.; valid keys: \[.*'max_crops'"),
+    (f"eval_data: {{{SOURCES}, batchsize: 2}}", r"\['batchsize'\] in eval_data\.; valid keys: \[.*'batch_size'"),
+    ("data: {sources: [{path: ds}]}", r"missing config key\(s\) \['processor_dir'\] in data\."),
+    ("model: {preset: tiny, text: {num_layer: 2}}", r"\['num_layer'\] in model\.text\.; valid keys: .*'num_layers'"),
+    ("model: {preset: tiny, text: {num_layers: two}}", r"model\.text\.num_layers: expected int, got 'two'"),
+    ("mesh: {fsdpp: 2}", r"\['fsdpp'\] in mesh\.; valid keys: \['data', 'fsdp', 'sequence', 'tensor'\]"),
+    ("mesh: {data: -1}", r"mesh \{.*\}: sizes must be positive, and at most one -1"),
+    ("lora: {rank: 4, targett: x}", r"\['targett'\] in lora\."),
+])
+def test_unknown_key_in_any_section_fails_at_load(tmp_path, section, message):
+    """Every section is typed: a wrong key at any depth fails while the YAML is read, in one line."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {{preset: tiny}}\n{section}\n")
+    with pytest.raises(TrainConfigError, match=message) as error:
+        load_train_config(path)
+    assert "\n" not in str(error.value)
+
+
 def test_lr_group_matching_no_params_is_an_error(tmp_path):
     config = train_config(tmp_path, **{"optimizer.vit.pattern": "vit/.*"})
     with pytest.raises(TrainConfigError, match=r"optimizer.vit.pattern 'vit/.\*' matches no parameter"):
@@ -232,7 +216,7 @@ def test_release_configs_parse_and_resolve_their_presets():
         assert {f"molmo2-{model}-{stage}" for stage in ("pretrain", "sft", "long-sft")} <= set(names)
     for name in names:
         config = load_train_config(name)
-        if config.model.get("preset") and not config.model.get("vocab_from"):
+        if config.model.preset and not config.model.vocab_from:
             assert model_config(config).param_dtype == "float32"
     sft = load_train_config("molmo2-4b-sft")
     assert (sft.optimizer.connector.lr, sft.optimizer.vit.lr, sft.optimizer.llm.lr) == (5e-6, 5e-6, 1e-5)
@@ -346,7 +330,7 @@ def run_watching_stdout(command, env, stderr_path, on_line) -> int:
 def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
     import yaml
 
-    from molmo2_jax.training.checkpointing import is_training_checkpoint
+    from molmo2_jax.checkpoint.formats import is_training_step
     from molmo2_jax.training.run import run
 
     config_path = tmp_path / "run.yaml"
@@ -368,7 +352,7 @@ def test_sigterm_saves_the_step_and_resuming_continues_identically(tmp_path):
     assert stopped, err[-3000:]
     step, saved = int(stopped[1]), Path(stopped[2])
     assert 2 <= step < 6 and saved == tmp_path / "run" / "checkpoints" / str(step)
-    assert is_training_checkpoint(saved) and (saved / "data").is_dir()
+    assert is_training_step(saved) and (saved / "data").is_dir()
     assert sorted(int(p.name) for p in saved.parent.iterdir() if p.name.isdigit()) == [step]
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -6,8 +6,8 @@ import pytest
 from ref_model import make_reference
 
 from molmo2_jax.checkpoint.convert import convert_hf_to_jax
-from molmo2_jax.checkpoint.verify import compare
 from molmo2_jax.cli import main
+from molmo2_jax.verify import compare
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from molmo2_jax.checkpoint import converted, hf
+from molmo2_jax.checkpoint.formats import HF, open_checkpoint
 from molmo2_jax.checkpoint.storage import check_free_space, reporting_write_errors, size_text
 from molmo2_jax.checkpoint.table import RELEASED, active_rules
 from molmo2_jax.config import Molmo2Config
@@ -38,11 +39,11 @@ def convert_hf_to_jax(src: str | Path, dst: str | Path, *, dtype: str = "float32
     src, dst = Path(src), Path(dst)
     if dtype not in hf.DTYPES:
         raise hf.CheckpointError(f"--dtype {dtype!r}: expected one of {sorted(hf.DTYPES)}")
-    if not src.is_dir():
-        raise hf.CheckpointError(f"{src}: checkpoint directory does not exist")
-    if not hf.is_hf_checkpoint(src):
-        raise hf.CheckpointError(f"{src}: not a Molmo2 checkpoint (expected config.json and *.safetensors files)")
-    config = hf.read_config(src).replace(dtype=dtype, param_dtype=dtype)
+    checkpoint = open_checkpoint(src)
+    if checkpoint.kind != HF:
+        raise hf.CheckpointError(f"{src}: a {checkpoint.kind} checkpoint, which needs no conversion (`molmo2_jax.load` "
+                                 "and `molmo2-jax export` read it); convert reads Hugging Face directories")
+    config = checkpoint.config.replace(dtype=dtype, param_dtype=dtype)
     converted.prepare_destination(dst, overwrite)
     shapes = param_shapes(config)
     say = log or (lambda message: None)

@@ -13,7 +13,6 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -128,13 +127,3 @@ def restore_params(path: Path, abstract: dict[str, Any]) -> dict[str, Any]:
     """Restore params into the shapes, dtypes and shardings of `abstract` (a tree of ShapeDtypeStruct)."""
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore((path / PARAMS_DIR).absolute(), abstract)
-
-
-def abstract_like(params_shapes: dict[str, Any], dtype, shardings: dict[str, Any] | None) -> dict[str, Any]:
-    """ShapeDtypeStructs to restore into: `shardings`, or the default device (so leaves come back as jax arrays
-    whatever array type was saved)."""
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree_util.tree_map(lambda _: device, params_shapes)
-    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
-                                  params_shapes, shardings)

@@ -1,11 +1,10 @@
 """Our checkpoints -> a Hugging Face Molmo2 checkpoint in the released layout, streamed tensor by tensor.
 
-Sources: a converted checkpoint (`molmo2_jax_config.json` + Orbax `params/`) or a training checkpoint (a run
-directory of step directories, or one step directory, each with the Orbax `state/` item whose `params`
-subtree is exported - the optimizer state is never read - and the `config/` JSON item holding the model
-config). Params are read through tensorstore one layer slice at a time, converted by the declarative table
-(`hf.export_tensors`) and appended to safetensors shards of at most `max_shard_bytes`, so memory stays near
-one tensor plus a constant. Output: the shards, `model.safetensors.index.json`, the released-form
+Sources: any checkpoint `formats.open_checkpoint` recognises; of a training checkpoint only the `params` subtree of
+its Orbax `state/` item is read, never the optimizer state. Orbax params are read through tensorstore one layer
+slice at a time, converted by the declarative table (`hf.export_tensors`) and appended to safetensors shards of at
+most `max_shard_bytes`, so memory stays near one tensor plus a constant (a Hugging Face source is imported whole
+first). Output: the shards, `model.safetensors.index.json`, the released-form
 `config.json` and the tokenizer/processor files of the source. Nothing appears at the destination unless the
 whole export succeeds.
 """
@@ -26,15 +25,14 @@ import tensorstore as ts
 from etils import epath
 
 from molmo2_jax.checkpoint import converted, hf
+from molmo2_jax.checkpoint.formats import HF, TRAINING, Checkpoint, open_checkpoint
 from molmo2_jax.checkpoint.storage import check_free_space, reporting_write_errors
 from molmo2_jax.checkpoint.table import RELEASED, active_rules, layer_count
 from molmo2_jax.config import Molmo2Config, to_hf_config
 from molmo2_jax.params import param_shapes
-from molmo2_jax.training.checkpointing import find_step_dir, read_step_config
 
 MAX_SHARD_BYTES = 5 * 10**9  # the usual Hugging Face shard limit ("5GB")
 INDEX_FILE = "model.safetensors.index.json"
-TRAIN_STATE_ITEM, TRAIN_CONFIG_ITEM = "state", "config"  # items of a training step directory
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # A stacked param whose storage chunks are at most this big is read one layer at a time; a coarsely chunked one
 # (e.g. a whole-array chunk) is read once, as re-decoding a big chunk per layer would be slow.
@@ -44,7 +42,7 @@ _LAZY_CHUNK_BYTES = 64 << 20
 def export_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", overwrite: bool = False,
                  step: int | None = None, side_files_from: str | Path | None = None,
                  max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] | None = print) -> list[str]:
-    """Export `src` (converted or training checkpoint) to the HF directory `dst`; returns the shard names.
+    """Export the checkpoint `src` (any format) to the HF directory `dst`; returns the shard names.
 
     `step` picks a step of a training run directory (default: the latest). Tokenizer and processor files are
     copied from `side_files_from` when given, else from the source (and a training run's directory, and the
@@ -100,33 +98,30 @@ def export_to_hf(src: str | Path, dst: str | Path, *, dtype: str = "float32", ov
 
 
 class ParamSource:
-    """Lazy per-param access to the params of a converted or training checkpoint."""
+    """Per-param access to the params of a checkpoint: read lazily from an Orbax tree (converted or training), or
+    imported into memory first from a Hugging Face directory (e.g. to re-export transformers-native names in the
+    released layout)."""
 
-    def __init__(self, where: Path, config: Molmo2Config, item: Path, prefix: str, side_dirs: list[Path],
-                 train_config: dict[str, Any] | None = None):
-        self.where, self.config, self.item, self.prefix, self.side_dirs = where, config, item, prefix, side_dirs
-        self.train_config = train_config  # a training run's saved TrainConfig (a dict)
+    def __init__(self, checkpoint: Checkpoint):
+        self.where, self.config, self.train_config = checkpoint.path, checkpoint.config, checkpoint.train_config
+        # side files may sit in a training run's directory, one or two levels above the step
+        self.side_dirs = (list(dict.fromkeys([self.where, self.where.parent, self.where.parent.parent,
+                                              checkpoint.given])) if checkpoint.kind == TRAINING else [self.where])
+        self._imported = None
+        if checkpoint.kind == HF:
+            self._imported = hf.import_params(self.where, self.config, param_shapes(self.config))
+            return
+        self.item, self.prefix = checkpoint.orbax_params
         # Few reads in flight: each holds a compressed chunk, so this bounds memory beyond the tensor itself.
         self.context = ocp.type_handlers.get_ts_context(use_ocdbt=True, file_io_concurrency_limit=4)
-        metadata = _read_json(item / "_METADATA", item)
+        metadata = _read_json(self.item / "_METADATA", self.item)
         self.use_zarr3 = bool(metadata.get("use_zarr3", False))
-        self.is_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(item))
+        self.is_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.item))
         self._check_params()
 
     @classmethod
     def open(cls, src: Path, step: int | None = None) -> ParamSource:
-        if not src.is_dir():
-            raise hf.CheckpointError(f"{src}: checkpoint directory does not exist")
-        if converted.is_converted(src):
-            return cls(src, converted.read_config(src), src / converted.PARAMS_DIR, "", [src])
-        where = find_step_dir(src, step)
-        if where is not None:  # side files may sit in the run directory, one or two levels up
-            return cls(where, read_step_config(where), where / TRAIN_STATE_ITEM, "params.",
-                       list(dict.fromkeys([where, where.parent, where.parent.parent, src])),
-                       _read_json(where / TRAIN_CONFIG_ITEM / "metadata", where).get("train"))
-        raise hf.CheckpointError(
-            f"{src}: not a converted or training checkpoint (expected {converted.CONFIG_FILE} + "
-            f"{converted.PARAMS_DIR}/, or step directories with {TRAIN_STATE_ITEM}/ and {TRAIN_CONFIG_ITEM}/)")
+        return cls(open_checkpoint(src, step))
 
     def _open(self, path: str) -> ts.TensorStore:
         info = ocp.type_handlers.ParamInfo(name=self.prefix + path.replace("/", "."), parent_dir=epath.Path(self.item),
@@ -154,6 +149,8 @@ class ParamSource:
     def get(self, path: str) -> Any:
         """The param, read chunk by chunk when indexed by layer or converted with `np.asarray` (finely chunked
         params), or at once (coarsely chunked ones)."""
+        if self._imported is not None:
+            return self._imported[path]
         store = self._open(path)
         chunk = store.chunk_layout.read_chunk.shape
         if chunk is not None and math.prod(chunk) * store.dtype.numpy_dtype.itemsize <= _LAZY_CHUNK_BYTES:

@@ -20,6 +20,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from molmo2_jax.checkpoint.formats import TRAINING, Checkpoint, open_checkpoint, restore_step_params
 from molmo2_jax.checkpoint.hf import CheckpointError
 from molmo2_jax.checkpoint.table import NATIVE, Rule, active_rules, layer_count
 from molmo2_jax.config import Molmo2Config
@@ -147,58 +148,69 @@ def export_merged(base: str | Path, adapter: str | Path, dst: str | Path, **expo
     path (`export.export_to_hf`, through a temporary converted checkpoint beside `dst`; `export_args` go to it)."""
     import tempfile
 
-    import molmo2_jax
     from molmo2_jax.checkpoint import converted
     from molmo2_jax.checkpoint.export import export_to_hf
+    from molmo2_jax.lora import merge
 
     converted.prepare_destination(Path(dst).absolute(), export_args.get("overwrite", False))  # before the work
-    model = molmo2_jax.load(base, adapter=adapter, merge_adapter=True)
+    checkpoint = open_checkpoint(base)
+    lora_config, adapters = read_adapter(adapter, checkpoint.config)  # checked before the base is read
+    params = merge(checkpoint.read_params(checkpoint.config), adapters, lora_config)
     with tempfile.TemporaryDirectory(dir=Path(dst).absolute().parent, prefix=".merged-") as tmp:
         (Path(tmp) / "jax").mkdir()
-        converted.save(Path(tmp) / "jax", model.config, model.params)
+        converted.save(Path(tmp) / "jax", checkpoint.config, params)
         return export_to_hf(Path(tmp) / "jax", dst, side_files_from=base, **export_args)
 
 
-def lora_run(src: str | Path, step: int | None = None) -> tuple[Path, Molmo2Config, Any] | None:
-    """(step directory, model config, TrainConfig) of a LoRA training run or step; None for anything else."""
+def lora_run(src: str | Path, step: int | None = None) -> tuple[Checkpoint, LoraConfig, dict[str, Any]] | None:
+    """(checkpoint, LoRA config, saved train config) of a LoRA training run or step; None for any other
+    checkpoint."""
     from molmo2_jax.config import from_dict
-    from molmo2_jax.training.checkpointing import find_step_dir, read_step_config
-    from molmo2_jax.training.config import TrainConfig
 
-    where = find_step_dir(Path(src), step) if Path(src).is_dir() else None
-    if where is None:
+    checkpoint = open_checkpoint(src, step)
+    if checkpoint.kind != TRAINING:
         return None
-    train = from_dict(TrainConfig, json.loads((where / "config" / "metadata").read_text())["train"])
-    return (where, read_step_config(where), train) if train.lora.enabled else None
+    train = checkpoint.train_config or {}
+    lora = from_dict(LoraConfig, train.get("lora"), "lora.")
+    return (checkpoint, lora, train) if lora.enabled else None
 
 
 def export_run_adapter(src: str | Path, dst: str | Path, step: int | None = None) -> list[str]:
     """The adapters of a LoRA training run (its latest or given step) as a PEFT adapter directory."""
+    import flax.linen as nn
     import jax
+    import jax.numpy as jnp
 
-    from molmo2_jax.sharding import make_mesh
-    from molmo2_jax.training.checkpointing import restore_step_params
-    from molmo2_jax.training.step import make_train_step
+    from molmo2_jax.lora import abstract_adapters
 
     run = lora_run(src, step)
     if run is None:
         raise CheckpointError(f"{src}: not a LoRA training run or step (a run whose lora.rank is above 0)")
-    where, model_config, train = run
-    ts = make_train_step(model_config, train, make_mesh({"fsdp": 1}, jax.devices()[:1]))
-    adapters = restore_step_params(where, ts.abstract_state()["params"])
-    return export_adapter(adapters, model_config, train.lora, dst, base_model=train.init.checkpoint or "")
+    checkpoint, lora_config, train = run
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # adapters are trained (and saved) in fp32
+    abstract = jax.tree_util.tree_map(lambda box: jax.ShapeDtypeStruct(box.value.shape, jnp.float32, sharding=device),
+                                      abstract_adapters(checkpoint.config, lora_config),
+                                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    adapters = restore_step_params(checkpoint.path, abstract)
+    return export_adapter(adapters, checkpoint.config, lora_config, dst, base_model=_base_of(train) or "")
+
+
+def _base_of(train: dict[str, Any]) -> str | None:
+    """The checkpoint a training run started from (its `init.checkpoint`)."""
+    return (train.get("init") or {}).get("checkpoint")
 
 
 def export_run_merged(src: str | Path, dst: str | Path, step: int | None = None, **export_args) -> list[str]:
     """A LoRA run's adapters merged into the base it trained on (its `init.checkpoint`), in the released layout."""
     import tempfile
 
-    where, _, train = lora_run(src, step) or (None, None, None)
-    if where is None:
+    run = lora_run(src, step)
+    if run is None:
         raise CheckpointError(f"{src}: not a LoRA training run or step (a run whose lora.rank is above 0)")
-    if not train.init.checkpoint:
-        raise CheckpointError(f"{where}: the run has no init.checkpoint to merge its adapters into; export the "
-                              "adapter alone (--adapter-only)")
+    checkpoint, _, train = run
+    if not _base_of(train):
+        raise CheckpointError(f"{checkpoint.path}: the run has no init.checkpoint to merge its adapters into; export "
+                              "the adapter alone (--adapter-only)")
     with tempfile.TemporaryDirectory(dir=Path(dst).absolute().parent, prefix=".adapter-") as adapter:
-        export_run_adapter(where, adapter)
-        return export_merged(train.init.checkpoint, adapter, dst, **export_args)
+        export_run_adapter(checkpoint.path, adapter)
+        return export_merged(_base_of(train), adapter, dst, **export_args)

@@ -19,7 +19,7 @@ from molmo2_jax.evaluation import answering
 
 HELP = "answer a released eval set with a checkpoint (resumable) and score it with the official metrics"
 
-# The official evaluation's settings (molmo2_users.md 2.1): at least 24 crops for images; videos at
+# The official evaluation's settings (the allenai/molmo2 README): at least 24 crops for images; videos at
 # the processor's rate (2 fps) except tracking, scored at 1 fps.
 MAX_CROPS = 24
 VIDEO_FPS = {"tracking": 1.0}

@@ -1,5 +1,6 @@
 """`molmo2-jax export SRC DST [--dtype bfloat16] [--step N] [--tokenizer-from HF_DIR] [--overwrite]`: export a
-converted or training checkpoint to a Hugging Face Molmo2 checkpoint (released tensor layout, sharded).
+checkpoint (converted, a training run or step, or Hugging Face) to a Hugging Face Molmo2 checkpoint in the released
+tensor layout, sharded.
 
 A LoRA run exports its adapters merged into the base it trained on, or alone as a PEFT adapter directory
 (`--adapter-only`); `--adapter DIR` merges a PEFT adapter into the checkpoint SRC."""
@@ -10,13 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "export a converted or training checkpoint to a Hugging Face Molmo2 checkpoint (released tensor layout)"
+HELP = "export any Molmo2 checkpoint to a Hugging Face one in the released tensor layout"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from molmo2_jax.checkpoint.export import MAX_SHARD_BYTES
 
-    parser.add_argument("src", help="converted checkpoint, or a training run / step directory")
+    parser.add_argument("src", help="converted, training run / step, or Hugging Face checkpoint directory")
     parser.add_argument("dst", help="output directory (must be absent or empty unless --overwrite)")
     parser.add_argument("--dtype", default="float32", help="tensor dtype: float32 (default), bfloat16, float16")
     parser.add_argument("--step", type=int, default=None, help="step of a training run (default: the latest)")

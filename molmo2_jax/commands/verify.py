@@ -16,7 +16,7 @@ ERROR_EXIT_CODE = 2  # 1 means the comparison ran and failed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from molmo2_jax.checkpoint.verify import CASES, THRESHOLDS
+    from molmo2_jax.verify import CASES, THRESHOLDS
 
     parser.add_argument("--hf", required=True, help="Hugging Face checkpoint directory (the reference)")
     parser.add_argument("--jax", required=True, help="our checkpoint directory (converted, or the same HF dir)")
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from molmo2_jax.checkpoint.verify import THRESHOLDS, report, verify
+    from molmo2_jax.verify import THRESHOLDS, report, verify
 
     given = {"max_abs_diff": args.max_abs_diff, "kl": args.kl, "top1": args.top1}
     limits = dataclasses.replace(THRESHOLDS[args.dtype], **{k: v for k, v in given.items() if v is not None})

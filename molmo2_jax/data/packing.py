@@ -24,7 +24,7 @@ import grain
 import numpy as np
 
 from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # noqa: F401 (molmo2_jax.data exports it)
-from molmo2_jax.batch import fill_value, video_patch_mask
+from molmo2_jax.batch import fill_value, shift_pooling, video_patch_mask
 from molmo2_jax.data.errors import DataError
 from molmo2_jax.preprocessing.collate import Bucket
 
@@ -120,7 +120,7 @@ def assemble(rows: Sequence[Sequence[Mapping[str, Any]]], bucket: Bucket, *, pat
                     continue
                 pooling = np.asarray(ex[pooling_key])
                 shift = counts[pixels_key] * patches_per_crop
-                vision[pooling_key].append(np.where(pooling >= 0, pooling + shift, -1))
+                vision[pooling_key].append(shift_pooling(pooling, shift))
                 vision[pixels_key].append(np.asarray(ex[pixels_key]))
                 counts[pixels_key] += len(ex[pixels_key])
     out["attention_mask"] = (out["segment_ids"] > 0).astype(np.int32)

@@ -55,7 +55,7 @@ def _mark(draw: ImageDraw.ImageDraw, xy: tuple[float, float], colour, text: str,
     draw.text((x + r + 2, y - r), text, fill=colour, font=font)
 
 
-def _write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp)` on a temporary file beside `path`, then rename it to `path`."""
     path = Path(path)
     if not path.parent.is_dir():
@@ -92,7 +92,7 @@ def draw_points(
         image_format = Image.registered_extensions().get(suffix)
         if image_format is None:
             raise GroundingError(f"out_path {out_path}: unknown image suffix {suffix!r} (use .png)")
-        _write_atomic(out_path, lambda tmp: canvas.save(tmp, format=image_format))
+        write_atomic(out_path, lambda tmp: canvas.save(tmp, format=image_format))
     return canvas
 
 
@@ -192,4 +192,4 @@ def draw_tracks(
                              f"(one per frame), got {reprlib.repr(timestamps)}")
     _render_tracks(images, times, groundings)
     save = _save_gif if suffix == ".gif" else _save_mp4
-    return _write_atomic(out_path, lambda tmp: save(images, times, tmp))
+    return write_atomic(out_path, lambda tmp: save(images, times, tmp))

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from molmo2_jax.batch import patch_streams
+from molmo2_jax.batch import patch_streams, shift_pooling
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.connector import Connector
 from molmo2_jax.model.layers import EMBED_INIT, MaskInfo, fan_in_init, rope_cos_sin, rope_inv_freq
@@ -61,7 +61,7 @@ class Molmo2(nn.Module):
             if pooling is None or not pooling.shape[0]:
                 streams.append(None)
                 continue
-            pooling = jnp.where(pooling >= 0, pooling + offset, -1)
+            pooling = shift_pooling(pooling, offset)
             streams.append((self.connector(features, pooling), jnp.any(pooling >= 0, axis=-1)))
         return tuple(streams)
 

@@ -1,5 +1,5 @@
 """Molmo2 chat templates: the template a checkpoint ships, rendered as transformers renders it, and
-the released template's behaviour restated in Python for directories that ship none (spec 4.6).
+the released template's behaviour restated in Python for directories that ship none.
 
 Released layout: media placeholders (`<|image|>`, or `Image N<|image|>` for several images, then one
 `<|video|>` per video), an optional leading `subtitle` message verbatim, then alternating

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from molmo2_jax.batch import fill_value, video_patch_mask
+from molmo2_jax.batch import fill_value, shift_pooling, video_patch_mask
 from molmo2_jax.preprocessing.errors import BucketOverflowError
 
 PATCHES_PER_CROP = 729  # 27 x 27 patches of 14 px in a 378 px crop
@@ -68,7 +68,7 @@ def _concat_visual(examples, pixel_key: str, pool_key: str, max_rows: int, max_t
     for ex in present:
         pv, pool = np.asarray(ex[pixel_key]), np.asarray(ex[pool_key])
         pixels[row : row + pv.shape[0]] = pv
-        pooling[tok : tok + pool.shape[0]] = np.where(pool >= 0, pool + row * PATCHES_PER_CROP, -1)
+        pooling[tok : tok + pool.shape[0]] = shift_pooling(pool, row * PATCHES_PER_CROP)
         row += pv.shape[0]
         tok += pool.shape[0]
     return pixels, pooling

@@ -1,6 +1,6 @@
 """Image preprocessing in numpy: RGB loading, torch-style bilinear resize, overlap tiling, patchify, pooling indices.
 
-Reproduces the transformers `Molmo2ImageProcessor` (spec section 4.1-4.3) without torch.
+Reproduces the transformers `Molmo2ImageProcessor` without torch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from molmo2_jax.batch import shift_pooling
 from molmo2_jax.preprocessing.errors import ImageLoadError, PreprocessingError
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
@@ -328,7 +329,7 @@ def compute_tiling(height: int, width: int, cfg: ImageConfig) -> Tiling:
 
     ph, pw = cfg.pooling_size
     high = arange_for_pooling(idx, ph, pw)
-    high = np.where(high >= 0, high + crop_patches**2, -1)  # the global view comes first
+    high = shift_pooling(high, crop_patches**2)  # the global view comes first
     low = arange_for_pooling(np.arange(crop_patches**2, dtype=np.int32).reshape(crop_patches, crop_patches), ph, pw)
     pooling = np.concatenate([low, high]).astype(np.int32)
     pooling.setflags(write=False)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from molmo2_jax.batch import shift_pooling
 from molmo2_jax.preprocessing.chat_template import (
     IMAGE_PLACEHOLDER,
     VIDEO_PLACEHOLDER,
@@ -265,15 +266,11 @@ def _flatten(images: Any) -> list:
     return [img for item in images for img in (item if isinstance(item, (list, tuple)) else [item])]
 
 
-def _offset(pooling: np.ndarray, offset: int) -> np.ndarray:
-    return np.where(pooling >= 0, pooling + offset, pooling).astype(pooling.dtype)
-
-
 def _pixels_and_pooling(items: list[ProcessedImage] | list[ProcessedVideo]) -> tuple[np.ndarray, np.ndarray]:
     """Normalised pixels of all items (one pass over the uint8 patches) and their globally indexed pooling."""
     offsets = np.cumsum([0] + [p.patches.shape[0] * p.patches.shape[1] for p in items])
     patches = items[0].patches if len(items) == 1 else np.concatenate([p.patches for p in items])
-    pooling = np.concatenate([_offset(p.pooling_idx, int(o)) for p, o in zip(items, offsets)])
+    pooling = np.concatenate([shift_pooling(p.pooling_idx, int(o)) for p, o in zip(items, offsets)])
     return normalize(patches, items[0].config), pooling
 
 

@@ -1,6 +1,6 @@
 """Video input: PyAV decoding of only the sampled frames, the released time-based sampling, per-frame patches.
 
-Sampling follows the released (hub) Molmo2 processor (spec 4.4): at most `max_fps` frames per
+Sampling follows the released (hub) Molmo2 processor: at most `max_fps` frames per
 second, at most `num_frames` frames, the last frame always included, uniform spacing past the limit.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from molmo2_jax.batch import shift_pooling
 from molmo2_jax.preprocessing.errors import VideoDecodeError
 from molmo2_jax.preprocessing.image import ImageConfig, arange_for_pooling, normalize, patchify, resize_bilinear
 
@@ -229,6 +230,6 @@ def preprocess_frames(frames: np.ndarray, timestamps: np.ndarray, cfg: VideoConf
     ph, pw = cfg.pooling_size
     per_frame = arange_for_pooling(np.arange(side * side, dtype=np.int64).reshape(side, side), ph, pw)
     offsets = np.arange(len(frames), dtype=np.int64)[:, None, None] * (side * side)
-    pooling = np.where(per_frame >= 0, per_frame + offsets, -1).reshape(-1, ph * pw)
+    pooling = shift_pooling(per_frame, offsets).reshape(-1, ph * pw)
     grid = (len(frames), -(-side // ph), -(-side // pw))
     return ProcessedVideo(patches, pooling, grid, np.asarray(timestamps, dtype=np.float64), cfg.image_config)

@@ -1,5 +1,6 @@
 """Training checkpoints: an Orbax CheckpointManager holding, per saved step, the train state (params,
-optimizer state, step), the Grain iterator state of every process and the run's config (JSON).
+optimizer state, step), the Grain iterator state of every process and the run's config (JSON). The layout of a
+step directory, which readers of checkpoints share, is in `molmo2_jax.checkpoint.formats`.
 
 Saves are asynchronous (the state is copied off the devices before training continues; the iterator state
 is written synchronously at save time) and only the last `keep` steps are kept. `restore` checks the saved
@@ -21,6 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from molmo2_jax.checkpoint.formats import CONFIG_ITEM, DATA_ITEM, STATE_ITEM
 from molmo2_jax.checkpoint.storage import OrbaxErrorFilter, error_line, free_bytes, is_no_space, size_text
 from molmo2_jax.config import Molmo2Config, from_dict, to_dict
 from molmo2_jax.errors import Molmo2Error
@@ -36,48 +38,6 @@ def shape_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     """`path: saved S vs now C` for every path whose shape differs (or exists on one side only)."""
     return [f"{p}: saved {saved.get(p)} vs now {current.get(p)}"
             for p in sorted(set(saved) | set(current)) if saved.get(p) != current.get(p)]
-
-
-def is_training_checkpoint(path: Path) -> bool:
-    """A step directory written by Checkpointer (`runs/NAME/checkpoints/STEP`)."""
-    return (path / "state").is_dir() and (path / "config").is_dir()
-
-
-def find_step_dir(path: Path, step: int | None = None) -> Path | None:
-    """The training step directory `path` names: itself, or the given (default: latest) step of a run directory
-    (`run/checkpoints/STEP`) or of its `checkpoints/` directory. None when `path` holds no training checkpoint."""
-    if is_training_checkpoint(path):
-        return path
-    for root in (path / "checkpoints", path):
-        steps = {int(p.name): p for p in root.glob("*") if p.name.isdigit() and is_training_checkpoint(p)}
-        if steps:
-            if step is None:
-                return steps[max(steps)]
-            if step not in steps:
-                raise ResumeError(f"{path}: training run has no step {step} (saved steps: {sorted(steps)})")
-            return steps[step]
-    return None
-
-
-def read_step_config(path: Path) -> Molmo2Config:
-    """The model config saved with a training checkpoint's step directory."""
-    try:
-        saved = json.loads((path / "config" / "metadata").read_text())
-        return from_dict(Molmo2Config, saved["model"]).validate()
-    except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-        raise ResumeError(f"{path}: unreadable training checkpoint config ({e})") from None
-
-
-def restore_step_params(path: Path, abstract_params: dict[str, Any]) -> dict[str, Any]:
-    """Only the params of a training checkpoint's step directory, placed like `abstract_params` (e.g. to
-    start SFT from a pretraining run); the optimizer state is not read."""
-    item = {"params": abstract_params}
-    args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), item)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore((path / "state").absolute(),
-                                        args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                                    partial_restore=True))
-    return restored["params"]
 
 
 class CheckpointSaveError(Molmo2Error):
@@ -104,10 +64,10 @@ class Checkpointer:
         CheckpointSaveError when this save or the previous one failed."""
         import grain
 
-        items = {"state": ocp.args.StandardSave(state),
-                 "config": ocp.args.JsonSave({"model": to_dict(model_config), "train": to_dict(train_config)})}
+        items = {STATE_ITEM: ocp.args.StandardSave(state),
+                 CONFIG_ITEM: ocp.args.JsonSave({"model": to_dict(model_config), "train": to_dict(train_config)})}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
         with self._reporting_failures():  # the previous step's save ends (and may fail) in here
             self.manager.wait_until_finished()
         self._check_free_space(step, state)
@@ -183,13 +143,13 @@ class Checkpointer:
 
     def saved_config(self, step: int) -> dict[str, Any]:
         """The run config saved with `step`: {"model": ..., "train": ...} as written by `save`."""
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
 
     def _check_trained_params(self, step: int, abstract_params: dict[str, Any], saved_train: dict[str, Any]):
         """The saved state trains the same arrays as this run (a LoRA run: the same adapters), named otherwise."""
         shape = lambda tree: {p: tuple(x.shape) for p, x in flatten(tree).items()}
         with ocp.StandardCheckpointer() as reader:  # array metadata only, nothing restored
-            saved = shape(reader.metadata(self.directory / str(step) / "state").item_metadata["params"])
+            saved = shape(reader.metadata(self.directory / str(step) / STATE_ITEM).item_metadata["params"])
         current = shape(abstract_params)
         if saved == current:
             return
@@ -215,17 +175,17 @@ class Checkpointer:
             raise ResumeError(f"{where}: checkpoint is of another model shape ({len(diffs)} param(s) differ: "
                               f"{'; '.join(diffs[:3])}); use a new run_dir or the same model config")
         self._check_trained_params(step, abstract_state["params"], saved_config.get("train", {}))
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            if not (where / "data").is_dir():
+            if not (where / DATA_ITEM).is_dir():
                 raise ResumeError(f"{where}: checkpoint has no data iterator state to resume from")
-            for file in sorted((where / "data").glob("*.json")):  # Grain's own error does not name the file
+            for file in sorted((where / DATA_ITEM).glob("*.json")):  # Grain's own error does not name the file
                 try:
                     json.loads(file.read_text())
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{file}: not valid JSON ({e})") from None
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
 
     def close(self) -> None:
         logging.getLogger("absl").removeFilter(self._filter)

@@ -3,10 +3,11 @@ user's own) plus dotted command-line overrides.
 
 A YAML file holds only what differs from the defaults below; it is deep-merged onto them before parsing, so
 `optimizer.llm.lr=1e-5` changes one value and keeps the rest of its group. Unknown keys are an error that
-lists the valid ones. The `model` section is `preset` (molmo2_jax/configs/NAME.yaml), optionally `vocab_from` (a
-tokenizer directory whose vocabulary and special-token ids the model takes, for a model trained from scratch),
-and any `Molmo2Config` fields to change (`dtype`, `remat_policy`, `text.num_layers`, ...). `data` /
-`eval_data` are `molmo2_jax.data.PipelineConfig` fields (sources, buckets, batch_size, ...).
+lists the valid ones; every section is typed, so an unknown key at any depth fails at load, before anything is
+built. The `model` section is `preset` (molmo2_jax/configs/NAME.yaml), optionally `vocab_from` (a tokenizer
+directory whose vocabulary and special-token ids the model takes, for a model trained from scratch), and any
+`Molmo2Config` fields to change (`dtype`, `remat_policy`, `text.num_layers`, ...). `data` / `eval_data` are
+`molmo2_jax.data.PipelineConfig`s (sources, buckets, batch_size, ...).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from molmo2_jax.config import ConfigError, Molmo2Config, apply_overrides, from_dict, load_preset, read_yaml, to_dict
+from molmo2_jax.data.pipeline import PipelineConfig
 from molmo2_jax.lora import LoraConfig
 
 
@@ -90,16 +92,39 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """What model to train: a `preset`, optionally `vocab_from`, and `changes` to Molmo2Config fields. In the
+    YAML the changes stand beside `preset` (`model: {preset: tiny, text: {num_layers: 2}}`)."""
+
+    preset: str | None = None
+    vocab_from: str | None = None
+    changes: dict = dataclasses.field(default_factory=dict)
+
+
+MODEL_SECTION_KEYS = ("preset", "vocab_from")  # the model section's own keys; the rest are Molmo2Config fields
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes (`sharding.MESH_AXES`); one may be -1: the devices the others leave."""
+
+    data: int = 1
+    fsdp: int = -1
+    sequence: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/default"
-    model: dict = dataclasses.field(default_factory=lambda: {"preset": None})
+    model: ModelSection = ModelSection()
     init: InitConfig = InitConfig()
-    data: dict = dataclasses.field(default_factory=dict)
-    eval_data: dict | None = None
+    data: PipelineConfig | None = None  # None: batches are passed to `run` (e.g. an in-memory iterator)
+    eval_data: PipelineConfig | None = None
     optimizer: OptimizerConfig = OptimizerConfig()
     steps: int = 1000
     grad_accum: int = 1  # micro-batches per optimizer step
-    mesh: dict = dataclasses.field(default_factory=lambda: {"fsdp": -1})
+    mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
@@ -116,9 +141,12 @@ class TrainConfig:
             raise TrainConfigError("init.kind 'molmo2' needs init.checkpoint (a Molmo2 checkpoint directory)")
         if self.init.kind == "llm_vit" and not (self.init.llm and self.init.vit):
             raise TrainConfigError("init.kind 'llm_vit' needs init.llm and init.vit (Hugging Face directories)")
-        if self.init.kind != "molmo2" and not self.model.get("preset"):
+        if self.init.kind != "molmo2" and not self.model.preset:
             raise TrainConfigError("model.preset is required (a model preset name or YAML path) unless "
                                    "init.kind is 'molmo2'")
+        sizes = to_dict(self.mesh)
+        if any(size == 0 or size < -1 for size in sizes.values()) or list(sizes.values()).count(-1) > 1:
+            raise TrainConfigError(f"mesh {sizes}: sizes must be positive, and at most one -1 (the rest)")
         for name, group in self.optimizer.groups.items():
             if group.lr < 0 or group.warmup_steps < 0:
                 raise TrainConfigError(f"optimizer.{name}: lr and warmup_steps must be >= 0")
@@ -132,21 +160,16 @@ class TrainConfig:
         def absolute(path):
             return str(Path(path).absolute()) if isinstance(path, str) and path else path
 
-        def data(section: dict | None) -> dict | None:
-            section = dict(section or {})
-            if "processor_dir" in section:
-                section["processor_dir"] = absolute(section["processor_dir"])
-            if "sources" in section:
-                section["sources"] = [{**s, "path": absolute(s.get("path"))} if isinstance(s, dict) else s
-                                      for s in section["sources"]]
-            return section
+        def data(section: PipelineConfig | None) -> PipelineConfig | None:
+            if section is None:
+                return None
+            sources = tuple(dataclasses.replace(source, path=absolute(source.path)) for source in section.sources)
+            return dataclasses.replace(section, processor_dir=absolute(section.processor_dir), sources=sources)
 
         init = {k: absolute(getattr(self.init, k)) for k in ("checkpoint", "llm", "vit")}
-        model = {**self.model, **({"vocab_from": absolute(self.model["vocab_from"])} if "vocab_from" in self.model
-                                  else {})}
         return dataclasses.replace(self, run_dir=absolute(self.run_dir), init=dataclasses.replace(self.init, **init),
-                                   model=model, data=data(self.data),
-                                   eval_data=data(self.eval_data) if self.eval_data is not None else None)
+                                   model=dataclasses.replace(self.model, vocab_from=absolute(self.model.vocab_from)),
+                                   data=data(self.data), eval_data=data(self.eval_data))
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -166,12 +189,18 @@ def parse_train_config(data: dict[str, Any]) -> TrainConfig:
         raise TrainConfigError(f"a training config must be a mapping, got {type(data).__name__}")
     merged = _merge(to_dict(TrainConfig()), data)
     try:
+        if isinstance(merged.get("model"), dict):  # the Molmo2Config changes stand beside preset and vocab_from
+            model = merged["model"]
+            changes = {k: v for k, v in model.items() if k not in (*MODEL_SECTION_KEYS, "changes")}
+            merged["model"] = {**{k: model[k] for k in MODEL_SECTION_KEYS if k in model},
+                               "changes": _merge(model.get("changes") or {}, changes)}
+            from_dict(Molmo2Config, merged["model"]["changes"], "model.")  # a wrong key or type fails here
         return from_dict(TrainConfig, merged).validate()
     except TrainConfigError:
         raise
     except ConfigError as e:
         raise TrainConfigError(str(e)) from None
-    except (TypeError, AttributeError) as e:  # a section given as a scalar, e.g. `optimizer: 3`
+    except (TypeError, AttributeError) as e:  # a value of a type no check above expected
         raise TrainConfigError(f"malformed training config: {e}") from None
 
 
@@ -185,17 +214,13 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
     return parse_train_config(apply_overrides(data, list(overrides)))
 
 
-MODEL_SECTION_KEYS = ("preset", "vocab_from")  # the model section's own keys; the rest are Molmo2Config fields
-
-
 def model_config(train: TrainConfig, base: Molmo2Config | None = None,
                  token_settings: dict[str, Any] | None = None) -> Molmo2Config:
     """The model config: `base` (e.g. read from an init checkpoint) or the preset, then `token_settings`
     (vocabulary sizes and token ids of `vocab_from`), then the `model` section's fields."""
-    changes = {k: v for k, v in train.model.items() if k not in MODEL_SECTION_KEYS}
     if base is None:
-        base = load_preset(train.model["preset"])
-    merged = _merge(_merge(to_dict(base), token_settings or {}), changes)
+        base = load_preset(train.model.preset)
+    merged = _merge(_merge(to_dict(base), token_settings or {}), train.model.changes)
     try:
         return from_dict(Molmo2Config, merged, "model.").validate()
     except ConfigError as e:

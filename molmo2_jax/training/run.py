@@ -17,16 +17,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from molmo2_jax.config import from_dict
+from molmo2_jax.checkpoint.formats import open_checkpoint
+from molmo2_jax.config import to_dict
+from molmo2_jax.data.pipeline import PipelineConfig
 from molmo2_jax.distributed import startup_lines
 from molmo2_jax.params import flatten, init_params, param_shapes, unflatten
 from molmo2_jax.sharding import describe_mesh, make_mesh
-from molmo2_jax.training.checkpointing import (
-    Checkpointer,
-    is_training_checkpoint,
-    read_step_config,
-    restore_step_params,
-)
+from molmo2_jax.training.checkpointing import Checkpointer
 from molmo2_jax.training.config import TrainConfig, TrainConfigError, model_config
 from molmo2_jax.training.loop import Trainer, initial_state
 from molmo2_jax.training.metrics import EventWriter
@@ -38,24 +35,17 @@ def resolve_model_config(train: TrainConfig):
     preset (pretraining) or the preset alone (random init), then the `model` section's changes."""
     init = train.init
     tokens = None
-    if train.model.get("vocab_from"):
+    if train.model.vocab_from:
         from molmo2_jax.data import model_token_settings
 
-        tokens = model_token_settings(train.model["vocab_from"])
+        tokens = model_token_settings(train.model.vocab_from)
     if init.kind == "molmo2":
-        from molmo2_jax.checkpoint import converted, hf
-
-        path = Path(init.checkpoint)
-        if is_training_checkpoint(path):
-            base = read_step_config(path)
-        else:
-            base = converted.read_config(path) if converted.is_converted(path) else hf.read_config(path)
-        return model_config(train, base, tokens)
+        return model_config(train, open_checkpoint(init.checkpoint).config, tokens)
     if init.kind == "llm_vit":
         from molmo2_jax.checkpoint.init_from import starting_config
         from molmo2_jax.config import load_preset
 
-        return model_config(train, starting_config(load_preset(train.model["preset"]), init.llm, init.vit), tokens)
+        return model_config(train, starting_config(load_preset(train.model.preset), init.llm, init.vit), tokens)
     return model_config(train, None, tokens)
 
 
@@ -75,14 +65,8 @@ def starting_params(ts: TrainStep) -> int | dict[str, Any]:
     init, config, mesh = ts.train_config.init, ts.model_config, ts.mesh
     if init.kind == "random":
         return init.seed
-    if init.kind == "molmo2":
-        import molmo2_jax
-
-        path = Path(init.checkpoint)
-        if is_training_checkpoint(path):
-            return restore_step_params(path, ts.abstract_base() or ts.abstract_state()["params"])
-        dtype = config.dtype if ts.lora else "float32"
-        return molmo2_jax.load(path, dtype=dtype, mesh=mesh).params
+    if init.kind == "molmo2":  # a frozen LoRA base in the compute dtype, trained params in fp32
+        return open_checkpoint(init.checkpoint).read_params(config, config.dtype if ts.lora else "float32", mesh)
     from molmo2_jax.checkpoint.init_from import params_from_llm_vit
 
     shardings = flatten(ts.base_shardings or ts.param_shardings)
@@ -92,21 +76,12 @@ def starting_params(ts: TrainStep) -> int | dict[str, Any]:
     return unflatten(params)
 
 
-def data_iterator(spec: dict[str, Any], *, evaluation: bool = False):
-    """A Grain iterator of packed batches for a `data` / `eval_data` section (PipelineConfig fields)."""
-    from molmo2_jax.data import Bucket, PipelineConfig, Source, dataset
+def data_iterator(config: PipelineConfig | None, *, evaluation: bool = False):
+    """A Grain iterator of packed batches for a `data` / `eval_data` section."""
+    from molmo2_jax.data import dataset
 
-    spec = dict(spec)
-    if "processor_dir" not in spec or not spec.get("sources"):
-        raise TrainConfigError("the data section needs processor_dir and sources (see docs/data.md)")
-    try:
-        sources = tuple(from_dict(Source, s, "data.sources.") for s in spec.pop("sources"))
-        buckets = tuple(from_dict(Bucket, b, "data.buckets.") for b in spec.pop("buckets", ()))
-        if buckets:
-            spec["buckets"] = buckets
-        config = from_dict(PipelineConfig, {**spec, "sources": sources}, "data.")
-    except TypeError as e:
-        raise TrainConfigError(f"malformed data section: {e}") from None
+    if config is None:
+        raise TrainConfigError("the config has no data section (processor_dir and sources, see docs/data.md)")
     if evaluation:  # the same held-out batches at every evaluation
         config = dataclasses.replace(config, shuffle=False, num_epochs=1)
     return iter(dataset(config))
@@ -123,7 +98,7 @@ def run(train: TrainConfig, batches: Iterator[dict[str, np.ndarray]] | None = No
     log = log or ((lambda line: print(line, flush=True)) if primary else (lambda _: None))
     train = train.with_absolute_paths()
     take_bad_example_summary()  # counts from now on
-    mesh = make_mesh(train.mesh)
+    mesh = make_mesh(to_dict(train.mesh))
     if jax.process_count() > 1:
         for line in startup_lines(mesh):
             print(line, flush=True)

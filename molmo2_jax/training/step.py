@@ -33,11 +33,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from molmo2_jax import distributed, lora
 from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # the model inputs of a batch
-from molmo2_jax.config import ConfigError, Molmo2Config
+from molmo2_jax.config import ConfigError, Molmo2Config, to_dict
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.molmo2 import Molmo2
-from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, unflatten
-from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh, param_shardings
+from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, param_shardings, unflatten
+from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh
 from molmo2_jax.training.config import GroupConfig, TrainConfig, TrainConfigError
 from molmo2_jax.training.loss import weighted_sums
 from molmo2_jax.training.optimizer import FROZEN, make_optimizer, param_labels, schedules
@@ -306,4 +306,4 @@ def _param_path(key_path) -> str:
 
 def make_train_step(model_config: Molmo2Config, train_config: TrainConfig, mesh: Mesh | None = None) -> TrainStep:
     """A TrainStep on `mesh` (default: the train config's mesh over all devices)."""
-    return TrainStep(model_config, train_config, mesh if mesh is not None else make_mesh(train_config.mesh))
+    return TrainStep(model_config, train_config, mesh if mesh is not None else make_mesh(to_dict(train_config.mesh)))

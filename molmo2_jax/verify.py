@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from molmo2_jax.checkpoint import converted, hf
+from molmo2_jax.checkpoint import hf
+from molmo2_jax.checkpoint.formats import open_checkpoint
 from molmo2_jax.config import Molmo2Config, TokenIds
 
 CASES = ("text", "image", "two_images", "video")
@@ -126,7 +127,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def verify(hf_dir: str | Path, jax_dir: str | Path, *, dtype: str = "float32", cases: tuple[str, ...] = CASES,
            log: Callable[[str], None] | None = print) -> list[Comparison]:
-    """Run the reference (from `hf_dir`) and ours (from `jax_dir`, converted or HF) on the fixed inputs."""
+    """Run the reference (from `hf_dir`) and ours (from `jax_dir`, any checkpoint format) on the fixed inputs."""
     import jax
 
     import molmo2_jax
@@ -140,9 +141,7 @@ def verify(hf_dir: str | Path, jax_dir: str | Path, *, dtype: str = "float32", c
         raise hf.CheckpointError(f"unknown case(s) {unknown}; expected among {list(CASES)}")
     if not hf.is_hf_checkpoint(hf_dir):
         raise hf.CheckpointError(f"{hf_dir}: not a Hugging Face Molmo2 checkpoint (config.json + *.safetensors)")
-    if not (converted.is_converted(jax_dir) or hf.is_hf_checkpoint(jax_dir)):
-        raise hf.CheckpointError(f"{jax_dir}: not a Molmo2 checkpoint (expected {converted.CONFIG_FILE} + "
-                                 f"{converted.PARAMS_DIR}/, or config.json + *.safetensors)")
+    open_checkpoint(jax_dir)  # any format; a wrong directory fails before the reference runs
     config = hf.read_config(hf_dir)
     inputs = {case: arrays for case, arrays in fixed_inputs(config).items() if case in cases}
     say(f"reference: {hf_dir} ({dtype})")
