@@ -18,7 +18,7 @@ import pytest
 
 from molmo2_jax.config import ConfigError, RopeScaling, load_preset
 from molmo2_jax.data.packing import MODEL_KEYS, assemble
-from molmo2_jax.model.attention import _tile_ranges, blockwise_attention, tile_size, uses_blockwise
+from molmo2_jax.model.attention import tile_ranges, blockwise_attention, tile_size, uses_blockwise
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import flatten
@@ -154,12 +154,12 @@ def test_tile_ranges_skip_what_the_mask_rules_out():
     as_tiles = lambda mask, part: tuple(jnp.moveaxis(x.reshape(x.shape[0], -1, 16), 1, 0) for x in (
         (mask.q_seg, mask.q_idx, mask.q_mm) if part == "q" else (mask.k_seg, mask.k_idx, mask.k_mm)))
     mask = full_mask(np.ones((2, 64)), np.stack([_mm_runs(64, [(20, 40)])] * 2))
-    k_lo, k_hi, q_lo, q_hi = (np.asarray(x) for x in _tile_ranges(as_tiles(mask, "q"), as_tiles(mask, "k")))
+    k_lo, k_hi, q_lo, q_hi = (np.asarray(x) for x in tile_ranges(as_tiles(mask, "q"), as_tiles(mask, "k")))
     assert k_lo.tolist() == [0, 0, 0, 0] and k_hi.tolist() == [1, 3, 3, 4]
     assert q_lo.tolist() == [0, 1, 1, 3] and q_hi.tolist() == [4, 4, 4, 4]
     decode = cached_mask(1, 29, 64, [(5, 15)])
     q_vecs = tuple(x[None] for x in (decode.q_seg, decode.q_idx, decode.q_mm))  # one query tile of 1 row
-    k_lo, k_hi, _, _ = _tile_ranges(q_vecs, as_tiles(decode, "k"))
+    k_lo, k_hi, _, _ = tile_ranges(q_vecs, as_tiles(decode, "k"))
     assert (int(k_lo[0]), int(k_hi[0])) == (0, 2)
 
 

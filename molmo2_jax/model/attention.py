@@ -75,7 +75,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo
     qt = qt.transpose(0, 1, 3, 4, 2, 5).reshape(nq, b, kv, h // kv * bq, d)
     kt, vt = (tiles(x, nk, bk, 0).transpose(0, 1, 3, 2, 4) for x in (k, v))  # [nk, B, KV, bk, D]
     if t == 1:  # a decode step: one pass whose tile products are batched over B and the KV heads
-        out = _flash(qt, kt, vt, q_vecs, k_vecs, _tile_ranges(q_vecs, k_vecs))
+        out = _flash(qt, kt, vt, q_vecs, k_vecs, tile_ranges(q_vecs, k_vecs))
     else:
         out = _per_pair(qt, kt, vt, q_vecs, k_vecs)
     out = out.reshape(nq, b, kv, h // kv, bq, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, h, d)
@@ -92,7 +92,7 @@ def _per_pair(qt, kt, vt, q_vecs, k_vecs) -> jax.Array:
         qp, kp, vp, qv, kv_ = args
         (qp, kp, vp), qv, kv_ = ((x[:, None, None] for x in (qp, kp, vp)), tuple(x[:, None] for x in qv),
                                  tuple(x[:, None] for x in kv_))
-        return _flash(qp, kp, vp, qv, kv_, _tile_ranges(qv, kv_))[:, 0, 0]
+        return _flash(qp, kp, vp, qv, kv_, tile_ranges(qv, kv_))[:, 0, 0]
 
     fold = lambda x: jnp.moveaxis(x.reshape(x.shape[0], b * kv, *x.shape[3:]), 1, 0)  # [n, B, KV, ..] -> [B*KV, n, ..]
     # mask vectors [n, B' (B or 1), tile] -> [B*KV, n, tile]
@@ -111,7 +111,7 @@ def _logits(q, k):
     return jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
 
 
-def _tile_ranges(q_vecs, k_vecs) -> tuple[jax.Array, ...]:
+def tile_ranges(q_vecs, k_vecs) -> tuple[jax.Array, ...]:
     """Per query tile the key tiles `[lo, hi)` that may hold an allowed pair, and per key tile the query tiles.
 
     Judged from per-tile summaries of the vectors (segment range, lowest key slot, highest query slot, any visual
