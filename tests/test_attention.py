@@ -18,7 +18,7 @@ import pytest
 
 from molmo2_jax.config import ConfigError, RopeScaling, load_preset
 from molmo2_jax.data.packing import MODEL_KEYS, assemble
-from molmo2_jax.model.attention import tile_ranges, blockwise_attention, tile_size, uses_blockwise
+from molmo2_jax.model.attention import blockwise_attention, tile_ranges, tile_size, uses_blockwise
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import flatten
