@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from molmo2_jax.grounding import draw_points, draw_tracks, parse
-from molmo2_jax.grounding.draw import _write_atomic
+from molmo2_jax.grounding.draw import write_atomic
 
 from .datasets import Example
 
@@ -42,7 +42,7 @@ def plot_metrics(history: Mapping[int, Mapping[str, Mapping[str, Any]]], path: s
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     try:
-        return _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
 
@@ -82,7 +82,7 @@ def draw_examples(examples: Sequence[Example], answers: Mapping[str, Mapping[str
         draw.text((gap, top), e.question, fill=(0, 0, 0), font=font)
         for col, tile in enumerate(images):
             canvas.paste(tile, (gap + col * (width + gap), top + caption))
-    return _write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    return write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def draw_track(example: Example, answer: str, path: str | Path) -> Path:
