@@ -220,18 +220,22 @@ def _programs(model: Molmo2Model) -> _Programs:
 
 def generate(model: Molmo2Model, inputs: Mapping[str, Any], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] | None = None,
-             tokenizer=None, max_length: int | None = None) -> GenerationResult:
+             tokenizer=None, max_length: int | None = None, cache_slots: int = 0) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens for each prompt of a processor output dict (one or several).
 
     Greedy when `temperature` is 0, else sampling with `temperature`, `top_k` (0: off) and `top_p` (1: off)
     from `seed`. A row stops at any of `eos_ids` (default: the checkpoint's EOS ids); the loop ends when every
     row has stopped or the budget is spent. `max_length` caps prompt + new tokens (default: the model's
     maximum length). With a `tokenizer` (anything with `decode(ids, skip_special_tokens=...)`) the texts are
-    decoded too.
+    decoded too. The KV cache has room for prompt + budget, rounded up to `CACHE_BUCKET` slots, or at least
+    `cache_slots` (one compiled decode for every prompt and budget that fit it; a step's cost does not grow
+    with empty slots).
     """
     config = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(cache_slots, int) or cache_slots < 0:
+        raise InputError(f"cache_slots must be a non-negative integer, got {cache_slots!r}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise InputError(f"invalid sampling options temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
                          f"top_p={top_p} (in (0, 1])")
@@ -244,7 +248,7 @@ def generate(model: Molmo2Model, inputs: Mapping[str, Any], *, max_new_tokens: i
                          f"{max_length}")
     prepared = {k: v for k, v in model.prepare(padded).items() if k in INPUT_KEYS}
     prompt_width = prepared["input_ids"].shape[1]
-    cache_len = _round_up(prompt_width + budget, CACHE_BUCKET)
+    cache_len = _round_up(max(prompt_width + budget, cache_slots), CACHE_BUCKET)
     eos = np.asarray(config.tokens.eos if eos_ids is None else list(eos_ids), np.int32).reshape(-1)
     sample = temperature > 0
     options = {"key": jax.random.key(seed), "temperature": jnp.float32(max(temperature, 1e-6)),
