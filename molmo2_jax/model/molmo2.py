@@ -144,6 +144,7 @@ def decode_step(config: Molmo2Config, params: dict[str, Any], token: jax.Array,
                 cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
     """One new token per row `[B]` -> its fp32 logits `[B, vocab]` and the cache with it appended. `params`
     from `decode_params`; the layers run one after the other (unrolled), each on its own weights and buffers."""
+    # Molmo2's setup declares both of its own params, so both are given (the submodules are never built)
     module, own = Molmo2(config), {"params": {"embedding": params["embedding"], "lm_head": params["lm_head"]}}
     x = module.apply(own, token[:, None], method=Molmo2.embed)
     rope = module.apply(own, cache.next_position[:, None], method=Molmo2.rope)
