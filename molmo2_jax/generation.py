@@ -1,5 +1,7 @@
-"""Text generation under jit: one compiled prefill (the prompt with its bidirectional image block) and one
-compiled decode loop (`lax.while_loop`) over a preallocated KV cache.
+"""Text generation under jit: one compiled prefill (the prompt with its bidirectional image block, attending
+the prompt only; its keys/values start the KV cache) and one compiled decode loop (`lax.while_loop`) whose
+steps write the cache in place and attend its filled slots (`model/kv_cache.py`). The decode loop runs the
+layers unrolled on per-layer params, derived once per model from the stacked (training) layout.
 
 Prompts are left padded (positions follow `cumsum(attention_mask) - 1`, as in the reference) and padded to
 shape buckets: the prompt length to a multiple of `PROMPT_BUCKET`, the cache to a multiple of `CACHE_BUCKET`,
@@ -23,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from molmo2_jax.batch import INPUT_KEYS, InputError, fill_value
-from molmo2_jax.model.molmo2 import init_cache
+from molmo2_jax.model import kv_cache
+from molmo2_jax.model.molmo2 import decode_params, decode_step, lm_logits
 from molmo2_jax.sharding import cache_shardings
 
 if TYPE_CHECKING:  # api imports this module when a model generates
@@ -144,28 +147,38 @@ class _Programs:
     def __init__(self, model: Molmo2Model):
         self.model = weakref.proxy(model)
         self.compiled: dict[tuple, Any] = {}
+        self._decode_params: tuple[Any, dict[str, Any]] | None = None  # (the model params they come from, them)
+
+    def decode_params(self) -> dict[str, Any]:
+        """The model's params as a decode step reads them (per-layer decoder weights), derived once per model
+        (again only if its params are replaced). They are a second copy of the decoder layers, held as long
+        as the model: the price of not slicing every layer's weights out of the stack on every step."""
+        params = self.model.params
+        if self._decode_params is None or self._decode_params[0] is not params:
+            self._decode_params = (params, decode_params(params))
+        return self._decode_params[1]
 
     def prefill(self, params, inputs, options, *, cache_len: int, sample: bool):
-        """Run the prompt through the model into a fresh cache; the first new token `[B]` and the cache."""
-        batch = inputs["input_ids"].shape[0]
+        """Run the prompt through the model; the first new token `[B]` and a cache of `cache_len` slots holding
+        the prompt's keys/values."""
         config, mesh = self.model.config, self.model.mesh
-        cache = init_cache(config, batch, cache_len, jnp.dtype(config.dtype))
-        if mesh is not None:  # born sharded over the batch / kv heads, as the decode loop keeps it
-            cache = jax.lax.with_sharding_constraint(cache, cache_shardings(config, mesh, batch, cache_len))
-        hidden, cache = self.model.module.apply({"params": params}, **inputs, cache=cache, return_hidden=True)
+        hidden, (k, v) = self.model.module.apply({"params": params}, **inputs, return_hidden=True, return_kv=True)
+        seg = inputs["attention_mask"]
+        cache = kv_cache.from_prompt(k, v, seg, seg.sum(axis=1), cache_len)
+        if mesh is not None:  # sharded over the batch / kv heads, as the decode loop keeps it
+            cache = jax.lax.with_sharding_constraint(cache, cache_shardings(config, mesh, seg.shape[0], cache_len))
         # logits of the last position only: the full [B, T, vocab] projection would be most of a short prefill
-        logits = jnp.einsum("bd,dv->bv", hidden[:, -1], params["lm_head"].astype(hidden.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = lm_logits(hidden[:, -1], params["lm_head"])
         key = jax.random.fold_in(options["key"], 0)
         first = _select(logits, key, sample, options["temperature"], options["top_k"], options["top_p"])
         return first, cache
 
     def decode(self, params, cache, first, options, *, width: int, sample: bool):
         """Feed each new token back until every row emitted EOS or the budget is spent; tokens `[B, width]`
-        (pad after a row's EOS) and the number of steps taken."""
+        (pad after a row's EOS), the number of steps taken and the final cache (returned so that the donated
+        input cache is the loop's buffer, not copied). `params` from `decode_params`."""
         batch = first.shape[0]
         out = jnp.full((batch, width), options["pad"], jnp.int32).at[:, 0].set(first)
-        ones = jnp.ones((batch, 1), jnp.int32)
 
         def cond(state):
             _, _, step, done, _ = state
@@ -173,27 +186,27 @@ class _Programs:
 
         def body(state):
             cache, out, step, done, token = state
-            logits, cache = self.model.module.apply({"params": params}, token[:, None], attention_mask=ones,
-                                                    mm_token_type_ids=jnp.zeros_like(ones), cache=cache)
+            logits, cache = decode_step(self.model.config, params, token, cache)
             key = jax.random.fold_in(options["key"], step)
-            token = _select(logits[:, -1], key, sample, options["temperature"], options["top_k"], options["top_p"])
+            token = _select(logits, key, sample, options["temperature"], options["top_k"], options["top_p"])
             token = jnp.where(done, options["pad"], token)
             out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
             return cache, out, step + 1, done | jnp.isin(token, options["eos"]), token
 
         state = (cache, out, jnp.int32(1), jnp.isin(first, options["eos"]), first)
-        _, out, steps, _, _ = jax.lax.while_loop(cond, body, state)
-        return out, steps
+        cache, out, steps, _, _ = jax.lax.while_loop(cond, body, state)
+        return out, steps, cache
 
-    def get(self, name: str, *args, **static) -> tuple[Any, float]:
-        """The executable of `name` for these argument shapes and static values, and the seconds spent
-        compiling it (0 when it was compiled before)."""
+    def get(self, name: str, *args, donate: tuple[int, ...] = (), **static) -> tuple[Any, float]:
+        """The executable of `name` for these argument shapes and static values (the `donate` arguments'
+        buffers are reused for its outputs), and the seconds spent compiling it (0 when it was compiled
+        before)."""
         avals = jax.tree.map(lambda x: (np.shape(x), str(x.dtype)), args)
         key = (name, tuple(sorted(static.items())), str(jax.tree.structure(args)), str(jax.tree.leaves(avals)))
         if key in self.compiled:
             return self.compiled[key], 0.0
         start = time.perf_counter()
-        fn = jax.jit(functools.partial(getattr(self, name), **static))
+        fn = jax.jit(functools.partial(getattr(self, name), **static), donate_argnums=donate)
         self.compiled[key] = fn.lower(*args).compile()
         return self.compiled[key], time.perf_counter() - start
 
@@ -209,18 +222,22 @@ def _programs(model: Molmo2Model) -> _Programs:
 
 def generate(model: Molmo2Model, inputs: Mapping[str, Any], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] | None = None,
-             tokenizer=None, max_length: int | None = None) -> GenerationResult:
+             tokenizer=None, max_length: int | None = None, cache_slots: int = 0) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens for each prompt of a processor output dict (one or several).
 
     Greedy when `temperature` is 0, else sampling with `temperature`, `top_k` (0: off) and `top_p` (1: off)
     from `seed`. A row stops at any of `eos_ids` (default: the checkpoint's EOS ids); the loop ends when every
     row has stopped or the budget is spent. `max_length` caps prompt + new tokens (default: the model's
     maximum length). With a `tokenizer` (anything with `decode(ids, skip_special_tokens=...)`) the texts are
-    decoded too.
+    decoded too. The KV cache has room for prompt + budget, rounded up to `CACHE_BUCKET` slots, or at least
+    `cache_slots` (one compiled decode for every prompt and budget that fit it; a step's cost does not grow
+    with empty slots).
     """
     config = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(cache_slots, int) or cache_slots < 0:
+        raise InputError(f"cache_slots must be a non-negative integer, got {cache_slots!r}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise InputError(f"invalid sampling options temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
                          f"top_p={top_p} (in (0, 1])")
@@ -233,7 +250,7 @@ def generate(model: Molmo2Model, inputs: Mapping[str, Any], *, max_new_tokens: i
                          f"{max_length}")
     prepared = {k: v for k, v in model.prepare(padded).items() if k in INPUT_KEYS}
     prompt_width = prepared["input_ids"].shape[1]
-    cache_len = _round_up(prompt_width + budget, CACHE_BUCKET)
+    cache_len = _round_up(max(prompt_width + budget, cache_slots), CACHE_BUCKET)
     eos = np.asarray(config.tokens.eos if eos_ids is None else list(eos_ids), np.int32).reshape(-1)
     sample = temperature > 0
     options = {"key": jax.random.key(seed), "temperature": jnp.float32(max(temperature, 1e-6)),
@@ -247,10 +264,11 @@ def generate(model: Molmo2Model, inputs: Mapping[str, Any], *, max_new_tokens: i
         first, cache = prefill(model.params, prepared, options)
         first.block_until_ready()
         prefill_seconds = time.perf_counter() - start
-        decode, compile_decode = programs.get("decode", model.params, cache, first, options,
+        params = programs.decode_params()
+        decode, compile_decode = programs.get("decode", params, cache, first, options, donate=(1,),
                                               width=cache_len - prompt_width + 1, sample=sample)
         start = time.perf_counter()
-        out, steps = decode(model.params, cache, first, options)
+        out, steps, _ = decode(params, cache, first, options)
         out = np.asarray(out)
         decode_seconds = time.perf_counter() - start
     token_ids = []

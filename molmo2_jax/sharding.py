@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from molmo2_jax.errors import Molmo2Error
+from molmo2_jax.model.kv_cache import Cache
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits the params
@@ -207,13 +208,13 @@ def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedShar
             for k, v in batch.items()}
 
 
-def cache_shardings(config, mesh: Mesh, batch: int, max_length: int) -> dict[str, NamedSharding]:
-    """Shardings of `model.molmo2.init_cache(config, batch, max_length)`: k/v `[layers, B, S, KV, hd]` over
-    cache_batch / cache_length / cache_heads; mesh axes that do not divide a dim are left out."""
+def cache_shardings(config, mesh: Mesh, batch: int, max_length: int):
+    """Shardings of a `model.kv_cache.Cache` of `max_length` slots: each layer's k/v `[B, KV, S, hd]` over
+    cache_batch / cache_heads / cache_length; mesh axes that do not divide a dim are left out."""
     t = config.text
-    kv_names = ("layers", "cache_batch", "cache_length", "cache_heads", "head_dim")
-    kv = NamedSharding(mesh, _fitting(mesh, kv_names, (t.num_layers, batch, max_length, t.num_kv_heads,
-                                                       t.head_dim)))
+    kv = NamedSharding(mesh, _fitting(mesh, ("cache_batch", "cache_heads", "cache_length", "head_dim"),
+                                      (batch, t.num_kv_heads, max_length, t.head_dim)))
     per_slot = NamedSharding(mesh, _fitting(mesh, ("cache_batch", "cache_length"), (batch, max_length)))
-    return {"k": kv, "v": kv, "seg": per_slot, "mm": per_slot, "index": NamedSharding(mesh, PartitionSpec()),
-            "next_position": NamedSharding(mesh, _fitting(mesh, ("cache_batch",), (batch,)))}
+    return Cache(k=(kv,) * t.num_layers, v=(kv,) * t.num_layers, seg=per_slot,
+                 index=NamedSharding(mesh, PartitionSpec()),
+                 next_position=NamedSharding(mesh, _fitting(mesh, ("cache_batch",), (batch,))))

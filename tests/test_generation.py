@@ -150,3 +150,44 @@ def test_compiled_once_per_bucket(qwen3):
 def test_bad_input_is_one_clear_error(qwen3, inputs, kwargs, message):
     with pytest.raises(InputError, match=message):
         qwen3.generate(inputs, **{"max_new_tokens": 4, **kwargs})
+
+
+def test_decode_steps_match_the_full_forward(qwen3):
+    """Each decode step's logits, from a cache filled past one chunk of slots (its last chunk read clamped to
+    the buffer's end) with left-padded rows, equal the full forward pass over the row's prompt + tokens so far."""
+    import jax
+    import jax.numpy as jnp
+
+    from molmo2_jax.model import kv_cache
+    from molmo2_jax.model.molmo2 import decode_params, decode_step
+
+    rng = np.random.default_rng(1)
+    rows = [text_ids(rng, 300), text_ids(rng, 290)]
+    slots = kv_cache.CHUNK + 128
+    assert slots % kv_cache.CHUNK and 300 > kv_cache.CHUNK
+    ids = np.zeros((2, 300), np.int32)
+    mask = np.zeros((2, 300), np.int32)
+    for r, row in enumerate(rows):
+        ids[r, 300 - len(row):], mask[r, 300 - len(row):] = row, 1
+    _, (k, v) = qwen3.apply(jnp.asarray(ids), attention_mask=jnp.asarray(mask), return_kv=True)
+    cache = kv_cache.from_prompt(k, v, jnp.asarray(mask), jnp.asarray(mask.sum(1)), slots)
+    step = jax.jit(lambda p, t, c: decode_step(qwen3.config, p, t, c))
+    params = decode_params(qwen3.params)
+    token = jnp.asarray([7, 11], jnp.int32)
+    for _ in range(4):
+        rows = [row + [int(t)] for row, t in zip(rows, token)]
+        logits, cache = step(params, token, cache)
+        for r, row in enumerate(rows):
+            expected = np.asarray(qwen3({"input_ids": np.asarray([row])}))[0, -1]
+            np.testing.assert_allclose(np.asarray(logits[r]), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+def test_cache_slots(qwen3):
+    """A larger cache than needed gives the same tokens; a bad value is one clear error."""
+    inputs = image_inputs([random_image(378, 378, 1)])
+    run = lambda **kw: [t.tolist() for t in qwen3.generate(inputs, max_new_tokens=NEW_TOKENS,
+                                                           eos_ids=[UNUSED_EOS], **kw).token_ids]
+    assert run(cache_slots=2048) == run()
+    with pytest.raises(InputError, match="cache_slots must be a non-negative integer"):
+        run(cache_slots=-5)

@@ -17,12 +17,11 @@ import jax.numpy as jnp
 
 from molmo2_jax.batch import patch_streams, shift_pooling
 from molmo2_jax.config import Molmo2Config
+from molmo2_jax.model import kv_cache
 from molmo2_jax.model.connector import Connector
 from molmo2_jax.model.layers import EMBED_INIT, MaskInfo, fan_in_init, rope_cos_sin, rope_inv_freq
-from molmo2_jax.model.text import Decoder, RopeTables
+from molmo2_jax.model.text import Decoder, DecoderLayer, RopeTables, final_norm
 from molmo2_jax.model.vision import VisionTransformer
-
-Cache = dict[str, Any]  # {"k", "v": [layers, B, S, KV, hd], "seg", "mm": [B, S], "index": scalar int}
 
 
 class Molmo2(nn.Module):
@@ -99,12 +98,12 @@ class Molmo2(nn.Module):
                  pixel_values: jax.Array | None = None,
                  image_token_pooling: jax.Array | None = None, pixel_values_videos: jax.Array | None = None,
                  video_token_pooling: jax.Array | None = None, position_ids: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: Cache | None = None, return_hidden: bool = False):
-        """Logits `[B, T, vocab]` in fp32 (or final hidden states), and the updated cache when one is given.
+                 segment_ids: jax.Array | None = None, return_hidden: bool = False, return_kv: bool = False):
+        """Logits `[B, T, vocab]` in fp32 (or final hidden states), and with `return_kv` each layer's keys and
+        values `[layers, B, T, KV, hd]` (a prompt's, for `kv_cache.from_prompt`), else None.
 
         `segment_ids` (0 = padding, 1.. = packed example) default to `attention_mask`; `position_ids` default to
-        `cumsum(attention_mask) - 1` (left padding friendly). With a cache, the T new tokens are written at
-        `cache["index"]` and attend to everything cached before them.
+        `cumsum(attention_mask) - 1` (left padding friendly).
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -113,40 +112,50 @@ class Molmo2(nn.Module):
         mm = jnp.zeros((b, t), bool) if mm_token_type_ids is None else mm_token_type_ids.astype(bool)
         if position_ids is None:
             position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-            if cache is not None:
-                position_ids = position_ids + cache["next_position"][:, None]
 
         image_stream, video_stream = self.visual_tokens(pixel_values, image_token_pooling, pixel_values_videos,
                                                         video_token_pooling)
         x = self.embed(input_ids, image_stream, video_stream, video_patch_mask)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-
         q_idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-        if cache is None:
-            mask = MaskInfo(seg, q_idx, mm, seg, q_idx, mm)
-            hidden, _ = self.decoder(x, self.rope(position_ids), mask)
-            new_cache = None
-        else:
-            index = cache["index"]
-            k_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], seg, index, axis=1)
-            k_mm = jax.lax.dynamic_update_slice_in_dim(cache["mm"], mm, index, axis=1)
-            k_idx = jnp.broadcast_to(jnp.arange(k_seg.shape[1])[None], k_seg.shape)
-            mask = MaskInfo(seg, q_idx + index, mm, k_seg, k_idx, k_mm)
-            hidden, (k, v) = self.decoder(x, self.rope(position_ids), mask, index, (cache["k"], cache["v"]))
-            new_cache = {"k": k, "v": v, "seg": k_seg, "mm": k_mm, "index": index + t,
-                         "next_position": position_ids[:, -1] + 1}
+        hidden, kv = self.decoder(x, self.rope(position_ids), MaskInfo(seg, q_idx, mm, seg, q_idx, mm), return_kv)
         if return_hidden:
-            return hidden, new_cache
-        logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head.astype(hidden.dtype),
-                            preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
-        return logits, new_cache
+            return hidden, kv
+        logits = nn.with_logical_constraint(lm_logits(hidden, self.lm_head), ("act_batch", "act_length", "act_vocab"))
+        return logits, kv
 
 
-def init_cache(config: Molmo2Config, batch: int, max_length: int, dtype=jnp.float32) -> Cache:
-    """An empty KV cache for `batch` sequences of up to `max_length` tokens."""
-    t = config.text
-    shape = (t.num_layers, batch, max_length, t.num_kv_heads, t.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "seg": jnp.zeros((batch, max_length), jnp.int32), "mm": jnp.zeros((batch, max_length), bool),
-            "index": jnp.zeros((), jnp.int32), "next_position": jnp.zeros((batch,), jnp.int32)}
+def lm_logits(hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
+    """Hidden states `[..., D]` -> fp32 logits `[..., vocab]`."""
+    return jnp.einsum("...d,dv->...v", hidden, lm_head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def decode_params(params: dict[str, Any]) -> dict[str, Any]:
+    """What a decode step reads, with the decoder layers as one params tree per layer (the stacked layout
+    would cost a copy of each layer's weights out of the stack on every step)."""
+    stacked = params["decoder"]["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {"embedding": params["embedding"], "lm_head": params["lm_head"],
+            "final_norm": params["decoder"]["final_norm"],
+            "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))}
+
+
+def decode_step(config: Molmo2Config, params: dict[str, Any], token: jax.Array,
+                cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
+    """One new token per row `[B]` -> its fp32 logits `[B, vocab]` and the cache with it appended. `params`
+    from `decode_params`; the layers run one after the other (unrolled), each on its own weights and buffers."""
+    # Molmo2's setup declares both of its own params, so both are given (the submodules are never built)
+    module, own = Molmo2(config), {"params": {"embedding": params["embedding"], "lm_head": params["lm_head"]}}
+    x = module.apply(own, token[:, None], method=Molmo2.embed)
+    rope = module.apply(own, cache.next_position[:, None], method=Molmo2.rope)
+    seg = jax.lax.dynamic_update_slice_in_dim(cache.seg, jnp.ones_like(cache.seg[:, :1]), cache.index, axis=1)
+    keys, values = [], []
+    for i, layer_params in enumerate(params["layers"]):
+        layer = kv_cache.LayerCache(cache.k[i], cache.v[i], seg, cache.index)
+        x, (k, v) = DecoderLayer(config).apply({"params": layer_params}, x, rope, None,
+                                               config.text.layer_uses_scaled_rope(i), layer)
+        keys.append(k)
+        values.append(v)
+    hidden = final_norm(config).apply({"params": params["final_norm"]}, x)
+    cache = kv_cache.Cache(tuple(keys), tuple(values), seg, cache.index + 1, cache.next_position + 1)
+    return lm_logits(hidden[:, -1], params["lm_head"]), cache

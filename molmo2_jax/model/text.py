@@ -1,6 +1,7 @@
 """The decoder: Qwen3 style (pre-norm, per-head q/k RMSNorm, GQA) or Olmo3 style (post-norm, q/k RMSNorm over
-all heads, YaRN only on `rope_scaling_layers`), selected by the config. Layers are scanned; an optional KV
-cache (one slice per layer) is read and written in place at `cache_index`."""
+all heads, YaRN only on `rope_scaling_layers`), selected by the config. Layers are scanned (the params' stacked
+layout, for training and prefill); a decode step applies the layers one by one with per-layer params and a KV
+cache (`model/kv_cache.py`), see `model.molmo2.decode_step`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from molmo2_jax.config import Molmo2Config
+from molmo2_jax.model import kv_cache
 from molmo2_jax.model.attention import attention
 from molmo2_jax.model.layers import MaskInfo, RMSNorm, apply_rope, dense, stack_layers
 
@@ -25,11 +27,16 @@ class RopeTables(NamedTuple):
 
 
 class DecoderLayer(nn.Module):
+    """One layer. Without a cache: attention over the T tokens themselves, returning their keys/values when
+    `return_kv` (a prompt's, for the cache). With a cache: the new tokens' keys/values are written into it and
+    attend over its filled slots (`mask` unused); returns the layer's updated buffers."""
+
     config: Molmo2Config
+    return_kv: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, rope: RopeTables, mask: MaskInfo, cache_index: jax.Array | None,
-                 scaled: jax.Array, kv: tuple[jax.Array, jax.Array] | None):
+    def __call__(self, x: jax.Array, rope: RopeTables, mask: MaskInfo | None, scaled: jax.Array | bool,
+                 cache: kv_cache.LayerCache | None = None):
         t, dtype, pdtype = self.config.text, self.config.dtype, self.config.param_dtype
         norm = lambda name: RMSNorm(axes=("embed",), eps=t.layer_norm_eps, dtype=dtype, param_dtype=pdtype,
                                     name=name)
@@ -51,12 +58,11 @@ class DecoderLayer(nn.Module):
         sin = jnp.where(scaled, rope.sin_scaled, rope.sin_plain)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
-        if kv is not None:  # write this step's keys/values into the cache, attend over the whole cache
-            k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-            kv = (k, v)
-        attn = attention(q, k.astype(dtype), v.astype(dtype), mask, self.config)
+        if cache is None:
+            attn = attention(q, k, v, mask, self.config)
+            kv = (k, v) if self.return_kv else None
+        else:
+            attn, kv = kv_cache.attend(q, k, v, cache)
         h = dense(t.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, dtype=dtype, param_dtype=pdtype,
                   contract=(-2, -1), name="o")(attn)
         x = x + (norm("attn_norm")(h) if t.norm_after else h)
@@ -75,19 +81,23 @@ class DecoderLayer(nn.Module):
         return x, kv
 
 
+def final_norm(config: Molmo2Config) -> RMSNorm:
+    """The norm after the last layer (params at `decoder/final_norm`)."""
+    return RMSNorm(axes=("embed",), eps=config.text.layer_norm_eps, dtype=config.dtype,
+                   param_dtype=config.param_dtype, name="final_norm")
+
+
 class Decoder(nn.Module):
-    """inputs_embeds `[B, T, D]` -> final-normed hidden states `[B, T, D]` (and the updated cache)."""
+    """inputs_embeds `[B, T, D]` -> final-normed hidden states `[B, T, D]`, and with `return_kv` each layer's
+    keys and values `[layers, B, T, KV, hd]`."""
 
     config: Molmo2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, rope: RopeTables, mask: MaskInfo, cache_index: jax.Array | None = None,
-                 kv: tuple[jax.Array, jax.Array] | None = None):
+    def __call__(self, x: jax.Array, rope: RopeTables, mask: MaskInfo, return_kv: bool = False):
         t = self.config.text
         scaled = jnp.asarray([t.layer_uses_scaled_rope(i) for i in range(t.num_layers)])
-        layers = stack_layers(DecoderLayer, t.num_layers, self.config.remat_policy, broadcast_args=3,
-                              scanned_args=2, name="layers", config=self.config)
-        x, kv = layers(x, rope, mask, cache_index, scaled, kv)
-        x = RMSNorm(axes=("embed",), eps=t.layer_norm_eps, dtype=self.config.dtype,
-                    param_dtype=self.config.param_dtype, name="final_norm")(x)
-        return x, kv
+        layers = stack_layers(DecoderLayer, t.num_layers, self.config.remat_policy, broadcast_args=2,
+                              scanned_args=1, name="layers", config=self.config, return_kv=return_kv)
+        x, kv = layers(x, rope, mask, scaled)
+        return final_norm(self.config)(x), kv
