@@ -27,7 +27,6 @@ import numpy as np
 from molmo2_jax.batch import INPUT_KEYS, InputError, fill_value
 from molmo2_jax.model import kv_cache
 from molmo2_jax.model.molmo2 import decode_params, decode_step, lm_logits
-from molmo2_jax.sharding import cache_shardings
 
 if TYPE_CHECKING:  # api imports this module when a model generates
     from molmo2_jax.api import Molmo2Model
@@ -166,7 +165,7 @@ class _Programs:
         seg = inputs["attention_mask"]
         cache = kv_cache.from_prompt(k, v, seg, seg.sum(axis=1), cache_len)
         if mesh is not None:  # sharded over the batch / kv heads, as the decode loop keeps it
-            cache = jax.lax.with_sharding_constraint(cache, cache_shardings(config, mesh, seg.shape[0], cache_len))
+            cache = jax.lax.with_sharding_constraint(cache, kv_cache.shardings(config, mesh, seg.shape[0], cache_len))
         # logits of the last position only: the full [B, T, vocab] projection would be most of a short prefill
         logits = lm_logits(hidden[:, -1], params["lm_head"])
         key = jax.random.fold_in(options["key"], 0)

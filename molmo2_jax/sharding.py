@@ -23,7 +23,6 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from molmo2_jax.errors import Molmo2Error
-from molmo2_jax.model.kv_cache import Cache
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits the params
@@ -187,7 +186,7 @@ def axes_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-def _fitting(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+def fitting_spec(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
     """The rules' spec, minus mesh axes that do not divide their dim (e.g. a batch of 1 on fsdp=8)."""
     spec = []
     for dim, axes in zip(shape, logical_to_spec(names)):
@@ -204,17 +203,5 @@ def _fitting(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) -> P
 def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
     """Input shardings: the leading axis (examples, crops, pooled tokens) over `data` x `fsdp` where it
     divides; every other axis replicated."""
-    return {k: NamedSharding(mesh, _fitting(mesh, ("act_batch",) + (None,) * (np.ndim(v) - 1), np.shape(v)))
+    return {k: NamedSharding(mesh, fitting_spec(mesh, ("act_batch",) + (None,) * (np.ndim(v) - 1), np.shape(v)))
             for k, v in batch.items()}
-
-
-def cache_shardings(config, mesh: Mesh, batch: int, max_length: int):
-    """Shardings of a `model.kv_cache.Cache` of `max_length` slots: each layer's k/v `[B, KV, S, hd]` over
-    cache_batch / cache_heads / cache_length; mesh axes that do not divide a dim are left out."""
-    t = config.text
-    kv = NamedSharding(mesh, _fitting(mesh, ("cache_batch", "cache_heads", "cache_length", "head_dim"),
-                                      (batch, t.num_kv_heads, max_length, t.head_dim)))
-    per_slot = NamedSharding(mesh, _fitting(mesh, ("cache_batch", "cache_length"), (batch, max_length)))
-    return Cache(k=(kv,) * t.num_layers, v=(kv,) * t.num_layers, seg=per_slot,
-                 index=NamedSharding(mesh, PartitionSpec()),
-                 next_position=NamedSharding(mesh, _fitting(mesh, ("cache_batch",), (batch,))))

@@ -1,4 +1,4 @@
-"""Layering: no import cycles between the parts of the package that load, train and export models.
+"""Layering: no import cycles between the parts of the package (its top-level modules and subpackages).
 
 The graph is read from the source: an edge `a -> b` for every import of `b` in `a`, at module level or inside a
 function (a lazy import still ties the two together), but not under `if TYPE_CHECKING:`. Parts are the top-level
@@ -11,9 +11,6 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "molmo2_jax"
-# The parts the checkpoint-format and training-layout work untangled (issue 18); "__init__" is molmo2_jax itself.
-LAYERED = ("__init__", "api", "batch", "checkpoint", "config", "generation", "lora", "model", "params", "plan",
-           "sharding", "training", "verify")
 
 
 def _part(module: str) -> str | None:
@@ -85,8 +82,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_import_cycles_between_loading_training_and_export():
-    graph = {a: {b for b in targets if b in LAYERED} for a, targets in import_graph().items() if a in LAYERED}
+def test_no_import_cycles_between_the_parts_of_the_package():
+    graph = import_graph()
+    assert len(graph) >= 20  # every part was read ("__init__" is molmo2_jax itself)
     assert cycles(graph) == []
 
 

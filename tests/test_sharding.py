@@ -169,7 +169,7 @@ def test_mesh_errors_name_the_problem():
 
 def test_cache_shardings_follow_the_rules():
     from molmo2_jax.config import load_preset
-    from molmo2_jax.sharding import cache_shardings
+    from molmo2_jax.model.kv_cache import shardings as cache_shardings
 
     mesh = _abstract_mesh(data=2, fsdp=2, tensor=2)
     shardings = cache_shardings(load_preset("tiny"), mesh, batch=4, max_length=64)

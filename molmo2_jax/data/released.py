@@ -1,5 +1,5 @@
 """Training examples from Ai2's released datasets: hub rows (parquet / JSON on local disk, read with
-`molmo2_jax.evaluation.datasets.read_rows`) with media in a local directory, turned into JSONL
+`molmo2_jax.data.rows.read_rows`) with media in a local directory, turned into JSONL
 manifest records (docs/data.md) the data pipeline reads.
 
     pixmo-points         image_url/image_sha256, label, points [{x, y}] on 0..100   -> pointing or counting
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from molmo2_jax.data.errors import DataError
-from molmo2_jax.evaluation.datasets import read_rows
+from molmo2_jax.data.rows import read_rows
 
 
 class RowError(DataError):

@@ -15,7 +15,6 @@ reason; a file in another schema is an error naming the missing fields.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from molmo2_jax.data.rows import DatasetError, read_rows
 from molmo2_jax.errors import Molmo2Error
 
 from . import metrics
-
-
-class DatasetError(Molmo2Error):
-    """A data file that cannot be read as the task's schema; the message names the file."""
 
 
 class MaskSizeError(Molmo2Error):
@@ -46,35 +42,6 @@ class Example:
     question: str = ""
     image: Path | bytes | None = None
     video: Path | bytes | None = None
-
-
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a .parquet file, a .json list (or {"data": [...]}), a .jsonl file, or a directory of
-    such files (read in name order, as the hub's `data/*-0000N-of-0000M.parquet`)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".json", ".jsonl"))
-        if not files:
-            raise DatasetError(f"{path}: no .parquet, .json or .jsonl files in this directory")
-        return [row for f in files for row in read_rows(f)]
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        text = path.read_text()
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: not readable as {path.suffix.lstrip('.') or 'data'} ({e})") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DatasetError(f"{path}: expected a list of row objects")
-    return data
 
 
 # The fields each task's reader needs; a file lacking one of them is in another schema.

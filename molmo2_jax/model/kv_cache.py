@@ -13,6 +13,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from molmo2_jax.sharding import fitting_spec
 
 # Slots read per step of the online softmax: large enough that the loop overhead is small next to the
 # matrix-vector work (measured on XLA:CPU, bench/bench_generation.py --slots), small enough that a short fill
@@ -91,3 +94,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache) -> tuple
     out = (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
     out = out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     return out, (k_buf, v_buf)
+
+
+def shardings(config, mesh: Mesh, batch: int, max_length: int) -> Cache:
+    """Shardings of a `Cache` of `max_length` slots: each layer's k/v `[B, KV, S, hd]` over
+    cache_batch / cache_heads / cache_length; mesh axes that do not divide a dim are left out."""
+    t = config.text
+    kv = NamedSharding(mesh, fitting_spec(mesh, ("cache_batch", "cache_heads", "cache_length", "head_dim"),
+                                          (batch, t.num_kv_heads, max_length, t.head_dim)))
+    per_slot = NamedSharding(mesh, fitting_spec(mesh, ("cache_batch", "cache_length"), (batch, max_length)))
+    return Cache(k=(kv,) * t.num_layers, v=(kv,) * t.num_layers, seg=per_slot,
+                 index=NamedSharding(mesh, PartitionSpec()),
+                 next_position=NamedSharding(mesh, fitting_spec(mesh, ("cache_batch",), (batch,))))

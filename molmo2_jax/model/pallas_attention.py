@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec
 
 from molmo2_jax.model.attention import blockwise_attention
 from molmo2_jax.model.layers import MaskInfo
-from molmo2_jax.sharding import _fitting
+from molmo2_jax.sharding import fitting_spec
 
 LANES = 128  # key tiles are whole lane groups: the logits tile is [bq, bk] with bk on the lanes
 
@@ -208,7 +208,7 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return attend(q, k, v, mask)
-    spec = lambda names, x: _fitting(mesh, names, x.shape)
+    spec = lambda names, x: fitting_spec(mesh, names, x.shape)
     q_spec = spec(("act_batch", "act_length", "act_heads", None), q)
     kv_spec = spec(("act_batch", None, "act_kv_heads", None), k)
     q_vec, k_vec = spec(("act_batch", "act_length"), mask.q_seg), spec(("act_batch", None), mask.k_seg)
