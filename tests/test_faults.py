@@ -40,8 +40,8 @@ from molmo2_jax.training.loop import Trainer, initial_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_SCRIPT = str(ROOT / "tests" / "test_training.py")  # `molmo2-jax train` on synthetic batches
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
-                                                                                   os.environ.get("PYTHONPATH")])))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(  # the script imports the test helpers
+    filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
 
 
 # -- a corrupt latest step ------------------------------------------------------------------------------------

@@ -35,13 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (default: RUN/eval)")
 
 
-def _saved_steps(run: Path) -> list[int]:
-    from molmo2_jax.training.checkpointing import is_training_checkpoint
-
-    return sorted(int(p.name) for p in (run / "checkpoints").glob("*")
-                  if p.name.isdigit() and is_training_checkpoint(p))
-
-
 def format_table(history: dict[int, dict[str, dict]], first: int, last: int) -> str:
     """A Markdown table of the headline metrics of two steps."""
     rows = [("pointing precision (points in masks)", "pointing", "precision"),
@@ -59,15 +52,16 @@ def format_table(history: dict[int, dict[str, dict]], first: int, last: int) -> 
 
 def run(args: argparse.Namespace) -> int:
     import molmo2_jax
+    from molmo2_jax.checkpoint.formats import training_steps
     from molmo2_jax.commands.score import write_json_atomically
     from molmo2_jax.evaluation import metrics, report, synthetic
     from molmo2_jax.evaluation.answering import answer, batches
     from molmo2_jax.params import init_params
     from molmo2_jax.preprocessing import Molmo2Processor
-    from molmo2_jax.training.checkpointing import find_step_dir
 
     run_dir, out = Path(args.run), Path(args.out or Path(args.run) / "eval")
-    saved = _saved_steps(run_dir)
+    step_dirs = training_steps(run_dir)
+    saved = sorted(step_dirs)
     if not saved:
         raise Molmo2Error(f"--run {run_dir}: no saved training step in {run_dir / 'checkpoints'}")
     steps = sorted(set(args.steps if args.steps else [0, *saved]))
@@ -83,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
     processor = Molmo2Processor.from_pretrained(Path(args.data) / "tokenizer")
     # One model object for every step: its compiled programs take the params as an argument, so swapping
     # them reuses the compilation.
-    model = molmo2_jax.load(find_step_dir(run_dir, saved[-1]))
+    model = molmo2_jax.load(step_dirs[saved[-1]])
     untrained = init_params(model.config, seed=args.seed) if 0 in steps else None
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     history, answers = {}, {}
     counts = {task: len(e) for task, e in by_task.items()}
     for step in steps:
-        model.params = untrained if step == 0 else molmo2_jax.load(find_step_dir(run_dir, step)).params
+        model.params = untrained if step == 0 else molmo2_jax.load(step_dirs[step]).params
         start, texts = time.perf_counter(), {}
         for batch in batches(examples, args.batch_size):
             ids = [e.id for e in batch]
