@@ -175,6 +175,13 @@ def lora_run(src: str | Path, step: int | None = None) -> tuple[Checkpoint, Lora
     return (checkpoint, lora, train) if lora.enabled else None
 
 
+def _required_lora_run(src: str | Path, step: int | None) -> tuple[Checkpoint, LoraConfig, dict[str, Any]]:
+    run = lora_run(src, step)
+    if run is None:
+        raise CheckpointError(f"{src}: not a LoRA training run or step (a run whose lora.rank is above 0)")
+    return run
+
+
 def export_run_adapter(src: str | Path, dst: str | Path, step: int | None = None) -> list[str]:
     """The adapters of a LoRA training run (its latest or given step) as a PEFT adapter directory."""
     import flax.linen as nn
@@ -183,10 +190,7 @@ def export_run_adapter(src: str | Path, dst: str | Path, step: int | None = None
 
     from molmo2_jax.lora import abstract_adapters
 
-    run = lora_run(src, step)
-    if run is None:
-        raise CheckpointError(f"{src}: not a LoRA training run or step (a run whose lora.rank is above 0)")
-    checkpoint, lora_config, train = run
+    checkpoint, lora_config, train = _required_lora_run(src, step)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # adapters are trained (and saved) in fp32
     abstract = jax.tree_util.tree_map(lambda box: jax.ShapeDtypeStruct(box.value.shape, jnp.float32, sharding=device),
                                       abstract_adapters(checkpoint.config, lora_config),
@@ -204,10 +208,7 @@ def export_run_merged(src: str | Path, dst: str | Path, step: int | None = None,
     """A LoRA run's adapters merged into the base it trained on (its `init.checkpoint`), in the released layout."""
     import tempfile
 
-    run = lora_run(src, step)
-    if run is None:
-        raise CheckpointError(f"{src}: not a LoRA training run or step (a run whose lora.rank is above 0)")
-    checkpoint, _, train = run
+    checkpoint, _, train = _required_lora_run(src, step)
     if not _base_of(train):
         raise CheckpointError(f"{checkpoint.path}: the run has no init.checkpoint to merge its adapters into; export "
                               "the adapter alone (--adapter-only)")
