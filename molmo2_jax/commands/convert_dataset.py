@@ -15,7 +15,7 @@ HELP = "turn a released Molmo2 / PixMo dataset (local parquet / JSON + media dir
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", required=True,
                         help="pixmo-points, pixmo-count, molmo2-videopoint, molmo2-videotrack, "
-                             "molmo2-track-instruction, molmo2-humanqa, molmo2-capqa, molmo2-cap, "
+                             "molmo2-track-instruction, molmo2-humanqa, molmo2-capqa, molmo2-subtitleqa, molmo2-cap, "
                              "molmo2-multiimagepoint, molmo2-multiimageqa or molmo2-synmultiimageqa")
     parser.add_argument("--data", required=True, help="a .parquet / .json / .jsonl file or a directory of them")
     parser.add_argument("--media", required=True,

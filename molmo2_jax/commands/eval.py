@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         with path.open("a") as f:
             for batch in answering.batches(todo, args.batch_size):
                 texts = answering.answer(model, processor, batch, max_new_tokens=args.max_new_tokens,
-                                         max_crops=MAX_CROPS, video_fps=VIDEO_FPS.get(args.task))
+                                         max_crops=MAX_CROPS, video_fps=VIDEO_FPS.get(args.task),
+                                         batch_size=args.batch_size)
                 f.write("".join(json.dumps({"id": e.id, "prediction": t}) + "\n" for e, t in zip(batch, texts)))
                 f.flush()  # a kill loses at most the batch being answered
                 done.update((e.id, t) for e, t in zip(batch, texts))

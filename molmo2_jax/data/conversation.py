@@ -6,6 +6,12 @@ EOS carry loss. Weighting as in Molmo2 training: every token of an answer gets `
 answer's loss tokens) times `1 / sqrt(k)` when the media carry k > 1 annotations (assistant turns),
 times the example's `loss_multiplier`. Structured targets (points, tracks) are written with the
 grounding formatters on the 0..1000 scale.
+
+A video's subtitles (a leading `{"role": "subtitle", "subtitles": [{start, end, text}]}` message) are
+written as Ai2's preprocessing writes them (`olmo/preprocessing/video_preprocessor.py`, `subtitle_mode`
+"frame_1", the released default): after all the frames, not between them, one block "subtitle\n" then
+"{start:.1f} - {end:.1f} {text}\n" for each subtitle within 1 s of a sampled frame. The block goes where
+the released chat template puts a leading `subtitle` message: after the media, before the first user turn.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from molmo2_jax.data.errors import BadExampleError
+from molmo2_jax.data.manifest import check_subtitles
 from molmo2_jax.grounding import Point, Track, format_count, format_points, format_tracks
 from molmo2_jax.preprocessing import DecodedVideo, Molmo2Processor, decode_video, load_image
 from molmo2_jax.preprocessing.chat_template import apply_chat_template
@@ -94,6 +101,16 @@ def answer_text(message: dict[str, Any], image_sizes: list[tuple[int, int]], vid
         raise BadExampleError(f"{what}: {e}") from None
 
 
+SUBTITLE_WINDOW = 1.0  # seconds; "frame_1"
+
+
+def subtitle_text(subtitles: Sequence[dict[str, Any]], frame_times: Sequence[float]) -> str:
+    """The subtitle block of a video whose frames are shown at `frame_times` (seconds)."""
+    w = SUBTITLE_WINDOW
+    kept = [s for s in subtitles if any(s["start"] <= t + w and t - w <= s["end"] for t in frame_times)]
+    return "subtitle\n" + "".join(f"{s['start']:.1f} - {s['end']:.1f} {s['text']}\n" for s in kept)
+
+
 def _segments(messages: list[dict[str, Any]], eos: str) -> list[tuple[str, bool]]:
     """(text, is_answer) pieces of the whole conversation, in order, rendered by the chat template."""
     pieces: list[tuple[str, bool]] = []
@@ -139,7 +156,8 @@ def tokenize_conversation(
     loss_multiplier: float = 1.0,
     max_crops: int | None = None,
 ) -> dict[str, Any]:
-    """One conversation (user/assistant turns; media belong to the first user turn) -> a model example.
+    """One conversation (user/assistant turns, after an optional leading subtitle message; media belong to
+    the first user turn) -> a model example.
 
     Returns `input_ids`, `mm_token_type_ids` (int32 `[T]`), `token_weights` (float32 `[T]`, the loss
     weight of predicting each token), the processor's vision arrays (`pixel_values`,
@@ -148,6 +166,11 @@ def tokenize_conversation(
     `name` and the problem.
     """
     messages = list(messages)
+    subtitles = None
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "subtitle":
+        if video is None:
+            raise BadExampleError(f"{name}: subtitles need a video")
+        subtitles, messages = check_subtitles(messages[0].get("subtitles"), name), messages[1:]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise BadExampleError(f"{name}: messages[{i}] must be an object with role 'user' or 'assistant'")
@@ -174,6 +197,8 @@ def tokenize_conversation(
             chat.append({"role": m["role"], "content": text})
         media = [{"type": "image"}] * len(arrays) + ([{"type": "video"}] if video is not None else [])
         chat[0] = {"role": chat[0]["role"], "content": media + [{"type": "text", "text": chat[0]["content"]}]}
+        if subtitles:  # an empty list writes nothing, as Ai2's preprocessing
+            chat.insert(0, {"role": "subtitle", "content": subtitle_text(subtitles, video.timestamps)})
 
         tokenizer = processor.tokenizer
         pieces = _segments(chat, tokenizer.eos_token)

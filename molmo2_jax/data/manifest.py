@@ -7,6 +7,7 @@ counted example instead of stopping the run.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,28 @@ def _resolve(base: Path, value: Any, where: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_subtitles(value: Any, where: str) -> list[dict[str, Any]]:
+    """`value` as a video's subtitles, `[{"start": s, "end": e, "text": "..."}]` in seconds of the video, or
+    `BadExampleError` naming `where` and the first bad entry."""
+    if not isinstance(value, list):
+        raise BadExampleError(f"{where}: subtitles must be a list of {{start, end, text}}, got {type(value).__name__}")
+    for i, entry in enumerate(value):
+        if not (isinstance(entry, dict) and _seconds(entry.get("start")) and _seconds(entry.get("end"))
+                and isinstance(entry.get("text"), str)):
+            raise BadExampleError(f"{where}: subtitle {i} is not {{start, end (seconds), text}}: {entry!r:.80}")
+        if entry["end"] < entry["start"]:
+            raise BadExampleError(f"{where}: subtitle {i} ends ({entry['end']}) before it starts ({entry['start']})")
+    return [{"start": e["start"], "end": e["end"], "text": e["text"]} for e in value]
+
+
 def parse_line(record: dict[str, Any]) -> dict[str, Any]:
     """A manifest line -> the common raw example (`id`, `images`, `video`, `messages`, `loss_multiplier`).
+    A video's `subtitles` become the conversation's leading `{"role": "subtitle", "subtitles": [...]}`
+    message, where the released chat template takes them (`conversation.tokenize_conversation` renders them).
 
     Raises `BadExampleError` naming the manifest line when it is not valid JSON or breaks the schema.
     """
@@ -82,6 +103,10 @@ def parse_line(record: dict[str, Any]) -> dict[str, Any]:
             raise BadExampleError(f"{name}: messages[{i}] needs {allowed}")
     if messages[-1]["role"] != "assistant":
         raise BadExampleError(f"{name}: the last message must be the assistant's")
+    if "subtitles" in data:
+        if video is None:
+            raise BadExampleError(f"{name}: 'subtitles' need a 'video'")
+        messages = [{"role": "subtitle", "subtitles": check_subtitles(data["subtitles"], name)}, *messages]
     multiplier = data.get("loss_multiplier", 1.0)
     if not isinstance(multiplier, (int, float)) or multiplier < 0:
         raise BadExampleError(f"{name}: 'loss_multiplier' must be a non-negative number")

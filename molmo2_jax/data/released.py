@@ -10,6 +10,8 @@ manifest records (docs/data.md) the data pipeline reads.
                          [{frame, time, points: [{id, point, occluded}]}] (molmo2-track-instruction)
     molmo2-humanqa       video_id, question, answer (Molmo2-AskModelAnything)       -> one conversation a video
     molmo2-capqa         video_id, Question, Answer, NegativeAnswers (Molmo2-VideoCapQA) -> likewise
+    molmo2-subtitleqa    as molmo2-capqa plus subtitle [{start, end, text}] (Molmo2-VideoSubtitleQA)
+                         -> likewise, with the video's subtitles
     molmo2-cap           video_id, video_caption, video_frame_merged_caption / merged_caption,
                          annotation_score (Molmo2-Cap)                              -> short and long caption
     molmo2-multiimagepoint  image_sha256s/image_urls (or images), labels, points per image on 0..100
@@ -22,7 +24,6 @@ Images are found in the media directory by the row's `image` path, its sha256 (a
 `<sha256>` with any extension, as Ai2's download script saves them) or its URL's file name; videos
 as `<video_id>.*` or `<clip>.*`. Prompts are the first of the official template list of each task
 (the official pipeline samples one). A row that cannot be used is skipped with its id and the reason.
-Molmo2-VideoSubtitleQA is not read: its subtitles go between the frames, which a manifest cannot say.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from molmo2_jax.data.errors import DataError
+from molmo2_jax.data.errors import BadExampleError, DataError
+from molmo2_jax.data.manifest import check_subtitles
 from molmo2_jax.data.rows import read_rows
 
 
@@ -263,6 +265,19 @@ def molmo2_capqa(rows: list[dict], media: Path, style: str) -> dict:
     return {"video": str(_find(media, rows[0]["video_id"])), "messages": messages}
 
 
+def molmo2_subtitleqa(rows: list[dict], media: Path, style: str) -> dict:
+    """A video's multiple-choice questions as `molmo2_capqa` writes them, with the subtitles of its first row
+    (the official loader's: all of a video's rows share them; a repeated (start, end) keeps its place and
+    takes the later text, as its dict does). The pipeline writes them after the frames."""
+    try:
+        entries = check_subtitles(rows[0]["subtitle"], "subtitle")
+    except BadExampleError as e:
+        raise RowError(str(e)) from None
+    by_time = {(e["start"], e["end"]): e["text"] for e in entries}
+    return {**molmo2_capqa(rows, media, style),
+            "subtitles": [{"start": s, "end": e, "text": text} for (s, e), text in by_time.items()]}
+
+
 READERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "pixmo-points": (pixmo_points, ("label", "points")),
     "pixmo-count": (pixmo_count, ("label", "count", "points")),
@@ -272,13 +287,14 @@ READERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
                                                             "frame_trajectories")),
     "molmo2-humanqa": (molmo2_humanqa, ("video_id", "question", "answer")),
     "molmo2-capqa": (molmo2_capqa, ("video_id", "Question", "Answer", "NegativeAnswers")),
+    "molmo2-subtitleqa": (molmo2_subtitleqa, ("video_id", "Question", "Answer", "NegativeAnswers", "subtitle")),
     "molmo2-cap": (molmo2_cap, ("video_id", "video_caption")),
     "molmo2-multiimagepoint": (molmo2_multiimagepoint, ("labels", "points")),
     "molmo2-multiimageqa": (molmo2_multiimageqa, ("qa_pairs",)),
     "molmo2-synmultiimageqa": (molmo2_synmultiimageqa, ("id", "images", "qa_pairs")),
 }
 # Schemas whose rows are grouped by video into one multi-turn example, as the official loaders do
-BY_VIDEO = {"molmo2-humanqa", "molmo2-capqa"}
+BY_VIDEO = {"molmo2-humanqa", "molmo2-capqa", "molmo2-subtitleqa"}
 
 
 def manifest_records(schema: str, data: str | Path, media: str | Path, *, style: str = "point",

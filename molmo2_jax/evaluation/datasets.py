@@ -4,7 +4,7 @@ giving the truths the metrics take. One reader per scoring task:
     pointing        allenai/pixmo-points-eval     points (0..100), masks [n, H, W]
     point_bench     PointArena data.json          category, image_filename, mask_filename (+ --media)
     count           allenai/pixmo-count, CountBench   count
-    video_count     allenai/Molmo2-VideoCountEval count, category
+    video_count     allenai/Molmo2-VideoCountEval count, category; only the clip clip_start..clip_end is shown
     video_pointing  allenai/Molmo2-VideoPointEval points (px), masks [{frame_id, rle}], two_fps_timestamps
     tracking        allenai/Molmo2-VideoTrackEval fps, w, h, mask_id, points, masks
 
@@ -35,13 +35,15 @@ class MaskSizeError(Molmo2Error):
 @dataclass
 class Example:
     """One evaluation example: its truth for the metrics and, when the media directory has them, the
-    question and media (a file or its bytes) a model is asked (`eval`)."""
+    question and media (a file or its bytes) a model is asked (`eval`), with the (start, end) seconds of
+    the video the model sees when the row names a clip."""
 
     id: str
     truth: Any
     question: str = ""
     image: Path | bytes | None = None
     video: Path | bytes | None = None
+    clip: tuple[float, float] | None = None
 
 
 # The fields each task's reader needs; a file lacking one of them is in another schema.
@@ -178,8 +180,19 @@ def _find_video(media: Path | None, *names: str | None) -> Path | None:
     return None
 
 
-def _prompt(task: str, row: dict, media: Path | None, sampling_fps: int) -> tuple[str, Path | None, Path | None]:
-    """(question, image, video) a model is asked for `row`, as the official eval asks them (the first
+def _clip(row: dict) -> tuple[float, float] | None:
+    """A VideoCountEval row's clip (the official eval decodes only it; the answer's times count from its
+    start), checked against the row's `video_duration`."""
+    if row.get("clip_start") is None or row.get("clip_end") is None:
+        return None
+    start, end, duration = float(row["clip_start"]), float(row["clip_end"]), row.get("video_duration")
+    if not 0 <= start < end or (duration is not None and start >= float(duration)):
+        raise ValueError(f"clip {start}-{end} s is not inside the {duration} s video")
+    return start, end
+
+
+def _prompt(task: str, row: dict, media: Path | None, sampling_fps: int) -> tuple:
+    """(question, image, video, clip) a model is asked for `row`, as the official eval asks them (the first
     of the official prompt templates where it samples one)."""
     if task == "pointing":
         return (f"Point to {row.get('label', '')}\nPlease say 'There are none.' if it is not in the image.",
@@ -190,7 +203,7 @@ def _prompt(task: str, row: dict, media: Path | None, sampling_fps: int) -> tupl
     if task == "count":
         return row.get("question") or f"How many {row.get('label', '')} are there?", _find_image(row, media), None
     if task == "video_count":
-        return row.get("question", ""), None, _find_video(media, row.get("video_id"))
+        return row.get("question", ""), None, _find_video(media, row.get("video_id")), _clip(row)
     if task == "video_pointing":
         return (f'How many "{row.get("label", "")}" are there in the video?', None,
                 _find_video(media, row.get("video_id")))

@@ -124,8 +124,14 @@ def decode_video(
     max_fps: float = 2.0,
     resize_to: int | None = None,
     name: str | None = None,
+    clip: tuple[float, float] | None = None,
 ) -> DecodedVideo:
     """Decode the frames the released sampling rule picks from a video file or its bytes.
+
+    With `clip` = (start, end) seconds, only that part is sampled, as Ai2's loaders do
+    (`olmo/data/video_loader.py`): the rule runs over the clip's length (an end past the video is cut to
+    it) and the timestamps count from the clip's start. A clip starting at or past the end, or
+    ending before it starts, is an error.
 
     Packet timestamps are read first (no decoding) to get the duration and frame times; then only
     the chosen frames are decoded (seeking to the keyframe before each one when that skips work) and
@@ -154,11 +160,15 @@ def decode_video(
         if end is None or end < Fraction(int(pts[-1])) * tb:
             end = Fraction(int(pts[-1])) * tb + 1 / Fraction(fps)  # guess the last frame's length
         duration = float(end - start)
+        offset = float(start)
+        if clip is not None:
+            _check_clip(clip, duration, label)
+            offset += clip[0]
 
-        times = sample_times(duration, num_frames, max_fps)
+        times = sample_times(duration if clip is None else min(clip[1], duration) - clip[0], num_frames, max_fps)
         # Frame i is shown until frame i+1 starts; take the frame on screen at each sampled time.
         frame_end = np.append(pts[1:].astype(np.float64) * float(tb), float(start) + duration)
-        index = np.minimum(np.searchsorted(frame_end, times + float(start), side="right"), len(pts) - 1)
+        index = np.minimum(np.searchsorted(frame_end, times + offset, side="right"), len(pts) - 1)
         wanted = pts[np.unique(index)]
         decoded, n_decoded = _decode_selected(container, stream, wanted, keyframes, resize_to, label)
         frames = np.stack([decoded[int(p)] for p in pts[index]])
@@ -168,6 +178,12 @@ def decode_video(
     timestamps = (times * fps) / fps
     return DecodedVideo(frames, timestamps, fps=fps, duration=duration, frames_converted=len(decoded),
                         frames_decoded=n_decoded)
+
+
+def _check_clip(clip: tuple[float, float], duration: float, label: str) -> None:
+    start, end = clip
+    if not (0 <= start < end) or start >= duration:
+        raise VideoDecodeError(f"video {label}: clip {start}-{end} s is not inside the {duration:.2f} s video")
 
 
 def _decode_selected(container, stream, wanted: np.ndarray, keyframes: np.ndarray, resize_to: int | None,
