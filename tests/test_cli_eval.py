@@ -185,3 +185,52 @@ def test_a_mesh_over_the_processes_devices_gives_the_same_answers(checkpoint, da
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "mesh" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+
+
+def _write_lossless_video(path, frames, fps=2):
+    """An MP4 holding exactly `frames` (lossless H.264 in 4:4:4), so a clip of it and a file cut from it decode
+    to the same pixels."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_video_count_clips_decide_what_the_model_sees(checkpoint, tmp_path, capsys):
+    """Molmo2-VideoCountEval rows name a clip: eval shows only its frames, timed from its start (as Ai2's
+    loader does), so the last 4 s of an 8 s video are answered as a file holding just those 4 s, and
+    otherwise than the whole video. Clips outside the video are named by row id."""
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (16, F.H, F.W, 3), dtype=np.uint8)  # 8 s at 2 fps
+    d = tmp_path / "data"
+    d.mkdir()
+    _write_lossless_video(d / "full.mp4", frames)
+    _write_lossless_video(d / "second_half.mp4", frames[8:])
+    rows, _ = F.video_count_set()
+    row = dict(rows[0], video_duration=8.0)
+    rows = [dict(row, id="late", video_id="full", clip_start=4.0, clip_end=8.0),
+            dict(row, id="cut", video_id="second_half", clip_start=0.0, clip_end=4.0, video_duration=4.0),
+            dict(row, id="whole", video_id="full", clip_start=0.0, clip_end=8.0),
+            dict(row, id="after", video_id="full", clip_start=9.0, clip_end=12.0)]  # past the row's duration
+    (d / "test.json").write_text(json.dumps(rows))
+    argv = ["eval", "--checkpoint", str(checkpoint[0]), "--task", "video_count", "--data", str(d / "test.json"),
+            "--media", str(d), "--max-new-tokens", "8"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "skipping row 3 (id after): clip 9.0-12.0 s is not inside the 8.0 s video" in err
+    answers = {json.loads(line)["id"]: json.loads(line)["prediction"]
+               for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()}
+    assert answers["late"] == answers["cut"] != answers["whole"]
+
+    # a row whose duration is wrong: the clip is past the end of the file itself
+    (d / "test.json").write_text(json.dumps([dict(row, id="liar", video_id="full", video_duration=60.0,
+                                                  clip_start=20.0, clip_end=30.0)]))
+    assert main([*argv, "--out", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "example liar: video" in err[0]
+    assert "clip 20.0-30.0 s is not inside the 8.00 s video" in err[0]
+    assert not (tmp_path / "bad" / "predictions.jsonl").read_text()

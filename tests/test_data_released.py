@@ -183,3 +183,34 @@ def test_caption_and_track_instruction_rows(tmp_path):
     # objects numbered in mask_id order; the occluded point is left out
     assert answer_text(record["messages"][1], [], (40, 30), "m") == (
         '<tracks coords="0.0 1 100 100;0.5 2 200 200">the dog</tracks>')
+
+
+def test_subtitleqa_rows_carry_their_videos_subtitles(tmp_path, capsys):
+    """Molmo2-VideoSubtitleQA's parquet (subtitle: list of {start, end, text} in seconds) -> a video's questions
+    with its subtitles, which the manifest holds and the pipeline writes after the frames."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    media = tmp_path / "media"
+    media.mkdir()
+    for name in ("v", "w"):
+        (media / f"{name}.mp4").write_bytes(b"")
+    subtitles = [{"start": 0.0, "end": 2.5, "text": "Welcome back."}, {"start": 2.5, "end": 4.0, "text": "Today:"},
+                 {"start": 0.0, "end": 2.5, "text": "Welcome back!"}]  # same times: the later text, first place
+    row = {"video_id": "v", "Question": "What does the host say first?", "Answer": "Welcome back!",
+           "NegativeAnswers": ["Goodbye."], "Category": "speech", "subtitle": subtitles}
+    rows = [row, dict(row, Question="Then?", Answer="Today", subtitle=subtitles[:1]),  # a video's rows share them
+            dict(row, video_id="w", subtitle=[{"start": None, "end": 1.0, "text": "?"}])]  # unparsable
+    path = tmp_path / "SubtitleQA-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = tmp_path / "train.jsonl"
+    assert main(["convert-dataset", "--schema", "molmo2-subtitleqa", "--data", str(path), "--media", str(media),
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "(id w): the subtitle column: subtitle 0 is not {start, end (seconds), text}: {'start': None" in err
+    (line,) = out.read_text().splitlines()
+    example = parse_line({"manifest": str(out), "line": 1, "text": line})
+    assert example["messages"][0] == {"role": "subtitle", "subtitles": [
+        {"start": 0.0, "end": 2.5, "text": "Welcome back!"}, {"start": 2.5, "end": 4.0, "text": "Today:"}]}
+    assert [m["role"] for m in example["messages"][1:]] == ["user", "assistant"] * 2
+    assert example["messages"][2]["content"].endswith(". Welcome back!")

@@ -270,7 +270,7 @@ def molmo2_subtitleqa(rows: list[dict], media: Path, style: str) -> dict:
     (the official loader's: all of a video's rows share them; a repeated (start, end) keeps its place and
     takes the later text, as its dict does). The pipeline writes them after the frames."""
     try:
-        entries = check_subtitles(rows[0]["subtitle"], "subtitle")
+        entries = check_subtitles(rows[0]["subtitle"], "the subtitle column")
     except BadExampleError as e:
         raise RowError(str(e)) from None
     by_time = {(e["start"], e["end"]): e["text"] for e in entries}
