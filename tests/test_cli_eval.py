@@ -234,3 +234,33 @@ def test_video_count_clips_decide_what_the_model_sees(checkpoint, tmp_path, caps
     assert len(err) == 1 and "example liar: video" in err[0]
     assert "clip 20.0-30.0 s is not inside the 8.00 s video" in err[0]
     assert not (tmp_path / "bad" / "predictions.jsonl").read_text()
+
+
+def test_tracking_takes_the_clips_frames_from_the_source_video(checkpoint, tmp_path, capsys, monkeypatch):
+    """A VideoTrackEval row whose cut clip file is absent is answered from frames start_frame..end_frame of its
+    source video, as the clip Ai2's download cuts from it: the model sees the cut file's frames and times."""
+    import molmo2_jax.preprocessing as preprocessing
+
+    shown, decode = [], preprocessing.decode_video
+    monkeypatch.setattr(preprocessing, "decode_video", lambda *a, **k: shown.append(decode(*a, **k)) or shown[-1])
+    rng = np.random.default_rng(4)
+    frames = rng.integers(0, 256, (10, F.H, F.W, 3), dtype=np.uint8)  # 5 s at 2 fps
+    d = tmp_path / "data"
+    d.mkdir()
+    _write_lossless_video(d / "source.mp4", frames)
+    _write_lossless_video(d / "cut.mp4", frames[4:])
+    rows, _ = F.tracking_set()
+    rows = [dict(rows[0], id="from-cut", clip="cut", video="source", start_frame=4, end_frame=9),
+            dict(rows[0], id="from-source", clip="absent", video="source", start_frame=4, end_frame=9),
+            dict(rows[0], id="source-start", clip="absent", video="source", start_frame=0, end_frame=5)]
+    (d / "test.json").write_text(json.dumps(rows))
+    assert main(["eval", "--checkpoint", str(checkpoint[0]), "--task", "tracking", "--data", str(d / "test.json"),
+                 "--media", str(d), "--max-new-tokens", "8", "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    cut, source, start = shown[:3]  # one batch, in row order
+    np.testing.assert_array_equal(cut.frames, source.frames)
+    np.testing.assert_array_equal(cut.timestamps, source.timestamps)
+    assert cut.timestamps.tolist() == [0.0, 1.0, 2.0, 3.0] and not np.array_equal(start.frames, source.frames)
+    assert len(shown) == 3  # the batch filled to 8 rows reuses the last video, decoded once
+    lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["prediction"] == json.loads(lines[1])["prediction"]

@@ -22,8 +22,6 @@ def answer(model, processor, examples: Sequence[Example], *, max_new_tokens: int
     second, at most) override the processor's settings. A batch shorter than `batch_size` is filled with
     copies of its last question, whose answers are dropped: every batch then has one shape, and a short last
     batch costs no compilation of its own."""
-    n = len(examples)
-    examples = list(examples) + [examples[-1]] * max(0, (batch_size or n) - n)
     from molmo2_jax.preprocessing import VideoDecodeError, decode_video, load_image
 
     prompts, images, videos = [], [], []
@@ -40,6 +38,10 @@ def answer(model, processor, examples: Sequence[Example], *, max_new_tokens: int
         content = [{"type": "image"}] * (example.image is not None) + [{"type": "video"}] * (
             example.video is not None) + [{"type": "text", "text": example.question}]
         prompts.append(processor.apply_chat_template([{"role": "user", "content": content}]))
+    n, fill = len(prompts), max(0, (batch_size or 0) - len(prompts))
+    prompts += prompts[-1:] * fill
+    images += images[-1:] * fill if examples[-1].image is not None else []
+    videos += videos[-1:] * fill if examples[-1].video is not None else []
     inputs = processor(prompts, images=images or None, videos=videos or None, max_crops=max_crops if images else None)
     return model.generate(inputs, max_new_tokens=max_new_tokens, tokenizer=processor.tokenizer).texts[:n]
 

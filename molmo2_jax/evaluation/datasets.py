@@ -6,7 +6,8 @@ giving the truths the metrics take. One reader per scoring task:
     count           allenai/pixmo-count, CountBench   count
     video_count     allenai/Molmo2-VideoCountEval count, category; only the clip clip_start..clip_end is shown
     video_pointing  allenai/Molmo2-VideoPointEval points (px), masks [{frame_id, rle}], two_fps_timestamps
-    tracking        allenai/Molmo2-VideoTrackEval fps, w, h, mask_id, points, masks
+    tracking        allenai/Molmo2-VideoTrackEval fps, w, h, mask_id, points, masks; the video is the cut
+                    `<clip>.*`, else frames start_frame..end_frame of the source `<video>.*`
 
 The synthetic set (`evaluation.synthetic`) is read too. An example's id is the row's `id` (or
 `example_id`), else its 0-based row index. A row that cannot be used is skipped with its id and the
@@ -207,8 +208,15 @@ def _prompt(task: str, row: dict, media: Path | None, sampling_fps: int) -> tupl
     if task == "video_pointing":
         return (f'How many "{row.get("label", "")}" are there in the video?', None,
                 _find_video(media, row.get("video_id")))
-    return (f"Track {row.get('exp', '')} in {sampling_fps} FPS.", None,
-            _find_video(media, row.get("clip"), row.get("video")))
+    question = f"Track {row.get('exp', '')} in {sampling_fps} FPS."
+    clip_file = _find_video(media, row.get("clip"))
+    if clip_file is not None or media is None:
+        return question, None, clip_file
+    # Only the source video: its frames start_frame..end_frame, the clip Ai2's download cuts with ffmpeg
+    # (`molmo2_video_track_datasets.py`), whose frame 0 the truth's frame 0 is
+    fps, first, last = row.get("fps"), row.get("start_frame"), row.get("end_frame")
+    clip = None if first is None or last is None else (first / fps, (last + 1) / fps)
+    return question, None, _find_video(media, row.get("video")), clip
 
 
 def read_examples(task: str, data: str | Path, media: str | Path | None = None, *, sampling_fps: int = 1,
