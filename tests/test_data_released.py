@@ -37,25 +37,69 @@ def test_pixmo_points_rows_become_pointing_and_counting_examples(tmp_path):
 def test_video_point_and_track_rows(tmp_path):
     media = tmp_path / "media"
     media.mkdir()
-    for name in ("vid1.mp4", "clip9.mp4"):
+    for name in ("vid1.mp4", "clip9.mp4", "source.mp4"):
         (media / name).write_bytes(b"")
     point_rows = [{"video_id": "vid1", "label": "ball", "question": "How many balls?", "count": 2,
                    "video_duration": 4.0, "clip_start": 0.0, "clip_end": 4.0, "annotator_unsure": False,
-                   "two_fps_timestamps": [0.5, 2.0], "points": [[{"x": 10.0, "y": 20.0}], [{"x": 30.0, "y": 40.0}]]},
-                  {"video_id": "vid1", "label": "ball", "question": "q", "count": 1, "video_duration": 90.0,
-                   "clip_start": 10.0, "clip_end": 73.0, "annotator_unsure": False,
-                   "two_fps_timestamps": [11.0], "points": [[{"x": 1.0, "y": 1.0}]]}]
+                   "two_fps_timestamps": [0.5, 2.0], "points": [[{"x": 10.0, "y": 20.0}], [{"x": 30.0, "y": 40.0}]]}]
     records, skipped = manifest_records("molmo2-videopoint", _rows(tmp_path, point_rows), media, log=None)
-    assert [s[0] for s in skipped] == ["1"] and "clip 10.0-73.0" in skipped[0][1]
+    assert not skipped and "clip" not in records[0]
     assert answer_text(records[0]["messages"][1], [], (40, 30), "m") == (
         '<points coords="0.5 1 100 200;2.0 2 300 400">ball</points>')
 
     track_rows = [{"id": "t1", "clip": "clip9", "fps": 4, "exp": "the dog", "w": 40, "h": 30, "mask_id": ["a"],
                    "points": [{"object_id": "a", "points": [[4.0, 3.0], [5.0, 3.0], None, [8.0, 6.0], [9.0, 6.0]]}]}]
     (record,), _ = manifest_records("molmo2-videotrack", _rows(tmp_path, track_rows), media, log=None)
+    assert "clip" not in record
     # sampled at 2 fps: frames 0 and 4 (frame 2 is occluded)
     assert answer_text(record["messages"][1], [], (40, 30), "m") == (
         '<tracks coords="0.0 1 100 100;1.0 1 225 200">the dog</tracks>')
+
+
+def test_video_point_clips_as_the_official_training_takes_them(tmp_path):
+    """Molmo2VideoPoint.load (olmo/data/molmo2_datasets.py, max_seconds=63, clips from the metadata): a video over
+    63 s is shown only through the row's clip, its times counted from the clip's start and floored to 0.5 s; a
+    video up to 63 s whole; a long one without a usable clip is left out."""
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "long.mp4").write_bytes(b"")
+    row = {"video_id": "long", "label": "ball", "question": "q", "count": 2, "video_duration": 90.0,
+           "clip_start": 10.0, "clip_end": 73.0, "annotator_unsure": False, "two_fps_timestamps": [11.0, 72.5],
+           "points": [[{"x": 10.0, "y": 20.0}], [{"x": 30.0, "y": 40.0}]]}
+    rows = [row, dict(row, clip_start=10.25),  # off the 0.5 s grid: 0.75 -> 0.5, 62.25 -> 62.0
+            dict(row, clip_start=None, clip_end=None), dict(row, clip_start=12.0),  # misses the point at 11 s
+            dict(row, clip_end=80.0),  # 70 s
+            dict(row, video_duration=60.0)]  # short: the whole video, times as they are
+    records, skipped = manifest_records("molmo2-videopoint", _rows(tmp_path, rows), media, log=None)
+    assert [r["clip"] for r in records[:2]] == [[10.0, 73.0], [10.25, 73.0]] and "clip" not in records[2]
+    assert [s[0] for s in skipped] == ["2", "3", "4"]
+    assert "a 90.0 s video without clip bounds" in skipped[0][1]
+    assert "the clip 12.0-73.0 s of the 90.0 s video does not hold the annotated 11.0-72.5 s" in skipped[1][1]
+    assert "the clip 10.0-80.0 s" in skipped[2][1]
+    texts = [answer_text(r["messages"][1], [], (40, 30), "m") for r in records]
+    assert texts == ['<points coords="1.0 1 100 200;62.5 2 300 400">ball</points>',
+                     '<points coords="0.5 1 100 200;62.0 2 300 400">ball</points>',
+                     '<points coords="11.0 1 100 200;72.5 2 300 400">ball</points>']
+    example = parse_line({"manifest": str(tmp_path / "m.jsonl"), "line": 1, "text": json.dumps(records[0])})
+    assert example["clip"] == (10.0, 73.0) and example["video"] == media / "long.mp4"
+
+
+def test_track_rows_without_their_cut_clip_file_take_it_from_the_source_video(tmp_path):
+    """Ai2's download cuts a tracking clip's frames start_frame..end_frame from its source video; with only the
+    source video at hand the record names that clip of it (frame 0 of the annotations is start_frame)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "source.mp4").write_bytes(b"")
+    track = {"id": "t1", "clip": "cut", "video": "source", "start_frame": 8, "end_frame": 19, "fps": 4, "exp": "x",
+             "mask_id": ["a"], "points": [{"object_id": "a", "points": [[4.0, 3.0], None, [5.0, 3.0]]}]}
+    instruction = {"id": "i1", "clip": "cut", "video": "source", "start_frame": 8, "end_frame": 19, "fps": 4,
+                   "sampling_fps": 2, "expression": "x", "mask_id": ["a"],
+                   "frame_trajectories": [{"frame": 0, "time": 0.0, "points": [{"id": "a", "point": [1, 1]}]}]}
+    for schema, row in (("molmo2-videotrack", track), ("molmo2-track-instruction", instruction)):
+        (record,), _ = manifest_records(schema, _rows(tmp_path, [row]), media, log=None)
+        assert record["video"] == str(media / "source.mp4") and record["clip"] == [2.0, 5.0]
+        _, skipped = manifest_records(schema, _rows(tmp_path, [dict(row, video="gone")]), media, log=None)
+        assert skipped == [(row["id"], f"no media file for gone in {media}")]
 
 
 def test_convert_dataset_command_and_a_file_in_another_schema(tmp_path, capsys):

@@ -12,6 +12,8 @@ written as Ai2's preprocessing writes them (`olmo/preprocessing/video_preprocess
 "frame_1", the released default): after all the frames, not between them, one block "subtitle\n" then
 "{start:.1f} - {end:.1f} {text}\n" for each subtitle within 1 s of a sampled frame. The block goes where
 the released chat template puts a leading `subtitle` message: after the media, before the first user turn.
+Of a clip, the frame times count from its start and the subtitles are matched against them unshifted, as
+Ai2's preprocessing matches them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from molmo2_jax.data.errors import BadExampleError
-from molmo2_jax.data.manifest import check_subtitles
+from molmo2_jax.data.manifest import check_clip, check_subtitles
 from molmo2_jax.grounding import Point, Track, format_count, format_points, format_tracks
 from molmo2_jax.preprocessing import DecodedVideo, Molmo2Processor, decode_video, load_image
 from molmo2_jax.preprocessing.chat_template import apply_chat_template
@@ -155,9 +157,11 @@ def tokenize_conversation(
     name: str = "example",
     loss_multiplier: float = 1.0,
     max_crops: int | None = None,
+    clip: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """One conversation (user/assistant turns, after an optional leading subtitle message; media belong to
-    the first user turn) -> a model example.
+    the first user turn) -> a model example. With `clip` (start, end seconds) only that part of the video
+    file is shown, and every time in the conversation counts from the clip's start (`decode_video(clip=)`).
 
     Returns `input_ids`, `mm_token_type_ids` (int32 `[T]`), `token_weights` (float32 `[T]`, the loss
     weight of predicting each token), the processor's vision arrays (`pixel_values`,
@@ -176,6 +180,10 @@ def tokenize_conversation(
             raise BadExampleError(f"{name}: messages[{i}] must be an object with role 'user' or 'assistant'")
     if not messages or messages[-1]["role"] != "assistant":
         raise BadExampleError(f"{name}: the conversation must end with an assistant message")
+    if clip is not None:
+        if video is None or isinstance(video, DecodedVideo):
+            raise BadExampleError(f"{name}: a clip needs a video file (or its bytes) to cut it from")
+        clip = check_clip(clip, name)
     try:
         arrays = [load_image(img, name=f"{name}: images[{i}]" if not isinstance(img, (str, Path)) else None)
                   for i, img in enumerate(images)]
@@ -183,7 +191,8 @@ def tokenize_conversation(
         if video is not None and not isinstance(video, DecodedVideo):
             label = f"{name}: video" if isinstance(video, bytes) else str(video)
             vc = processor.video_config
-            decoded = decode_video(video, num_frames=vc.num_frames, max_fps=vc.max_fps, resize_to=vc.size, name=label)
+            decoded = decode_video(video, num_frames=vc.num_frames, max_fps=vc.max_fps, resize_to=vc.size, name=label,
+                                   clip=clip)
             video_size, video = _video_size(video, label), decoded
         elif video is not None:
             video_size = _video_size(video, name)

@@ -68,10 +68,23 @@ def check_subtitles(value: Any, where: str) -> list[dict[str, Any]]:
     return [{"start": e["start"], "end": e["end"], "text": e["text"]} for e in value]
 
 
+def check_clip(value: Any, where: str) -> tuple[float, float]:
+    """`value` as the part of a video an example shows, `[start, end]` seconds with 0 <= start < end, or
+    `BadExampleError` naming `where`. (Whether it lies inside the video is known only when it is decoded.)"""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_seconds(v) for v in value)):
+        raise BadExampleError(f"{where}: clip must be [start, end] in seconds, got {value!r:.80}")
+    start, end = float(value[0]), float(value[1])
+    if not 0 <= start < end:
+        raise BadExampleError(f"{where}: clip {start}-{end} s must start at 0 s or later and end after it starts")
+    return start, end
+
+
 def parse_line(record: dict[str, Any]) -> dict[str, Any]:
-    """A manifest line -> the common raw example (`id`, `images`, `video`, `messages`, `loss_multiplier`).
+    """A manifest line -> the common raw example (`id`, `images`, `video`, `clip`, `messages`, `loss_multiplier`).
     A video's `subtitles` become the conversation's leading `{"role": "subtitle", "subtitles": [...]}`
     message, where the released chat template takes them (`conversation.tokenize_conversation` renders them).
+    A video's `clip` (`[start, end]` seconds) is the part of it the example shows; the times of its answers
+    and subtitles then count from the clip's start, as the frames' do.
 
     Raises `BadExampleError` naming the manifest line when it is not valid JSON or breaks the schema.
     """
@@ -107,6 +120,11 @@ def parse_line(record: dict[str, Any]) -> dict[str, Any]:
         if video is None:
             raise BadExampleError(f"{name}: 'subtitles' need a 'video'")
         messages = [{"role": "subtitle", "subtitles": check_subtitles(data["subtitles"], name)}, *messages]
+    clip = data.get("clip")
+    if clip is not None:
+        if video is None:
+            raise BadExampleError(f"{name}: a 'clip' needs a 'video'")
+        clip = check_clip(clip, name)
     multiplier = data.get("loss_multiplier", 1.0)
     if not isinstance(multiplier, (int, float)) or multiplier < 0:
         raise BadExampleError(f"{name}: 'loss_multiplier' must be a non-negative number")
@@ -114,6 +132,7 @@ def parse_line(record: dict[str, Any]) -> dict[str, Any]:
         "id": name,
         "images": [_resolve(base, p, f"{name}: images[{i}]") for i, p in enumerate(images)],
         "video": None if video is None else _resolve(base, video, f"{name}: video"),
+        "clip": clip,
         "messages": messages,
         "loss_multiplier": float(multiplier),
     }

@@ -21,7 +21,7 @@ import numpy as np
 
 from molmo2_jax.data.conversation import tokenize_conversation
 from molmo2_jax.data.errors import BadExampleError, DataError, TooManyBadExamplesError
-from molmo2_jax.data.manifest import ManifestSource, parse_line
+from molmo2_jax.data.manifest import ManifestSource, check_clip, parse_line
 from molmo2_jax.data.packing import PackingConfig, PackIterDataset, check_fits, largest
 from molmo2_jax.preprocessing.collate import Bucket
 
@@ -119,7 +119,7 @@ def records(config: PipelineConfig) -> grain.MapDataset:
 
 
 def raw_example(source: Source, record: Mapping[str, Any]) -> dict[str, Any]:
-    """A TFDS record or a manifest line -> `id`, `images`, `video`, `messages`, `loss_multiplier`."""
+    """A TFDS record or a manifest line -> `id`, `images`, `video`, `clip`, `messages`, `loss_multiplier`."""
     if source.is_manifest:
         raw = parse_line(record)
     else:
@@ -129,9 +129,11 @@ def raw_example(source: Source, record: Mapping[str, Any]) -> dict[str, Any]:
         except (KeyError, json.JSONDecodeError) as e:
             raise BadExampleError(f"{source.path}: record {text(record.get('id', '?'))}: bad messages: {e}") from None
         video = record.get("video", b"")
-        raw = {"id": f"{source.path}[{text(record.get('id', '?'))}]", "messages": messages,
-               "images": [bytes(b) for b in record.get("images", [])],
-               "video": bytes(video) if len(video) else None, "loss_multiplier": 1.0}
+        name = f"{source.path}[{text(record.get('id', '?'))}]"
+        clip = np.asarray(record.get("clip", ())).tolist()  # empty, or absent in records built before clips: all
+        raw = {"id": name, "messages": messages, "images": [bytes(b) for b in record.get("images", [])],
+               "video": bytes(video) if len(video) else None, "clip": check_clip(clip, name) if clip else None,
+               "loss_multiplier": 1.0}
     raw["loss_multiplier"] *= source.loss_multiplier
     return raw
 
@@ -162,7 +164,7 @@ class Convert(grain.transforms.Map):
             raw = raw_example(source, record)
             example = tokenize_conversation(self.processor, raw["messages"], raw["images"], raw["video"],
                                             name=raw["id"], loss_multiplier=raw["loss_multiplier"],
-                                            max_crops=self.config.max_crops)
+                                            max_crops=self.config.max_crops, clip=raw["clip"])
             check_fits(example, self.capacity)
         except (ValueError, OSError) as e:  # our errors name the example; anything else is a bug and raises
             return {BAD: str(e)}

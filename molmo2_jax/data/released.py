@@ -4,7 +4,8 @@ manifest records (docs/data.md) the data pipeline reads.
 
     pixmo-points         image_url/image_sha256, label, points [{x, y}] on 0..100   -> pointing or counting
     pixmo-count          image_url/image_sha256, label, count, points {x: [..], y: [..]} on 0..100
-    molmo2-videopoint    video_id, question, label, count, points per two_fps_timestamps on 0..100
+    molmo2-videopoint    video_id, question, label, count, points per two_fps_timestamps on 0..100,
+                         video_duration, clip_start/clip_end (a video over 63 s: only that clip)
     molmo2-videotrack    id, clip, fps, w, h, exp, mask_id, points [{object_id, points: [[x, y] | null]}]
     molmo2-track-instruction  clip/video, fps, sampling_fps, expression, mask_id, frame_trajectories
                          [{frame, time, points: [{id, point, occluded}]}] (molmo2-track-instruction)
@@ -22,13 +23,15 @@ manifest records (docs/data.md) the data pipeline reads.
 
 Images are found in the media directory by the row's `image` path, its sha256 (a file named
 `<sha256>` with any extension, as Ai2's download script saves them) or its URL's file name; videos
-as `<video_id>.*` or `<clip>.*`. Prompts are the first of the official template list of each task
+as `<video_id>.*` or `<clip>.*`, a missing tracking clip file as frames start_frame..end_frame of `<video>.*`
+(the record's `clip`). Prompts are the first of the official template list of each task
 (the official pipeline samples one). A row that cannot be used is skipped with its id and the reason.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import string
 from collections.abc import Callable
@@ -89,20 +92,59 @@ def pixmo_count(row: dict, media: Path, style: str) -> dict:
         _points_message(row["label"], list(zip(xs, ys)), style)]}
 
 
+MAX_POINT_SECONDS = 63  # the official SFT's video pointing sets (vixmo_points_minmax_*: max_seconds=63)
+
+
+def _videopoint_clip(row: dict) -> tuple[float, float] | None:
+    """The part of a Molmo2-VideoPoint row's video the official SFT trains on (`Molmo2VideoPoint.load` in
+    `olmo/data/molmo2_datasets.py`, max_seconds=63 with use_clips_from_metadata): a video of up to 63 s whole
+    (None, whatever clip the row names), a longer one only through the row's clip_start..clip_end, which must
+    lie in the video, last at most 63 s and hold every annotated time (0..63 s when there are none)."""
+    duration = row["video_duration"]
+    if duration <= MAX_POINT_SECONDS:
+        return None
+    start, end = row.get("clip_start"), row.get("clip_end")
+    if start is None or end is None:
+        raise RowError(f"a {duration} s video without clip bounds (the official training takes videos over "
+                       f"{MAX_POINT_SECONDS} s only through their precomputed clips)")
+    times = row["two_fps_timestamps"]
+    first, last = (min(times), max(times)) if times else (0.0, MAX_POINT_SECONDS)
+    if not (0 <= start <= first and last <= end <= duration and end - start <= MAX_POINT_SECONDS):
+        raise RowError(f"the clip {start}-{end} s of the {duration} s video does not hold the annotated "
+                       f"{first}-{last} s within {MAX_POINT_SECONDS} s (the official loader drops it)")
+    return float(start), float(end)
+
+
 def molmo2_videopoint(row: dict, media: Path, style: str) -> dict:
+    """Points at their 2-fps times; of a video over 63 s only its clip, the times then counted from the clip's
+    start and floored to the 0.5 s grid, as the official loader counts them."""
     if row.get("annotator_unsure"):
         raise RowError("annotator_unsure (the official training uses only sure rows)")
-    start, end, duration = row.get("clip_start"), row.get("clip_end"), row["video_duration"]
-    if start not in (None, 0, 0.0) or (end is not None and end < duration):
-        raise RowError(f"needs the clip {start}-{end} s of a {duration} s video, which a manifest cannot express")
     if len(row["points"]) != len(row["two_fps_timestamps"]):
         raise RowError("points and two_fps_timestamps differ in length")
-    points = [(t, p["x"], p["y"]) for t, frame in zip(row["two_fps_timestamps"], row["points"]) for p in frame]
+    clip = _videopoint_clip(row)
+    offset = clip[0] if clip else 0.0
+    points = [(math.floor((t - offset) / 0.5) * 0.5, p["x"], p["y"])
+              for t, frame in zip(row["two_fps_timestamps"], row["points"]) for p in frame]
     message = {"role": "assistant", "label": row["label"], "units": "normalized",
                "format": "count" if style == "count" else "points",
                "points": [{"t": t, "x": 10 * x, "y": 10 * y} for t, x, y in points]}
     question = row["question"] if style == "count" and row.get("question") else _question(row["label"], style, "video")
-    return {"video": str(_find(media, row["video_id"])), "messages": [{"role": "user", "content": question}, message]}
+    return {"video": str(_find(media, row["video_id"])), **({"clip": list(clip)} if clip else {}),
+            "messages": [{"role": "user", "content": question}, message]}
+
+
+def _track_video(row: dict, media: Path) -> dict:
+    """A tracking row's video: the cut clip `<clip>.*` Ai2's download writes, else frames start_frame..end_frame
+    of the source `<video>.*` (the cut it makes with ffmpeg, `_split_video_worker` in
+    `olmo/data/molmo2_video_track_datasets.py`; the annotations' times count from its first frame)."""
+    first, last = row.get("start_frame"), row.get("end_frame")
+    try:
+        return {"video": str(_find(media, row.get("clip")))}
+    except RowError:
+        if first is None or last is None or not row.get("video"):
+            return {"video": str(_find(media, row.get("clip"), row.get("video")))}
+    return {"video": str(_find(media, row["video"])), "clip": [first / row["fps"], (last + 1) / row["fps"]]}
 
 
 def molmo2_videotrack(row: dict, media: Path, style: str, sampling_fps: int = 2) -> dict:
@@ -116,7 +158,7 @@ def molmo2_videotrack(row: dict, media: Path, style: str, sampling_fps: int = 2)
                   if xy and f % step == 0]
         if points:
             tracks.append({"id": n, "points": points})
-    return {"video": str(_find(media, row["clip"])), "messages": [
+    return {**_track_video(row, media), "messages": [
         {"role": "user", "content": f"Track {row['exp']} in {sampling_fps} FPS."},
         {"role": "assistant", "label": row["exp"], "tracks": tracks}]}
 
@@ -133,7 +175,7 @@ def molmo2_track_instruction(row: dict, media: Path, style: str) -> dict:
             if not p.get("occluded") and p.get("point") is not None:
                 x, y = p["point"]
                 tracks.setdefault(number[str(p["id"])], []).append({"t": frame["time"], "x": x, "y": y})
-    return {"video": str(_find(media, row.get("clip"), row.get("video"))), "messages": [
+    return {**_track_video(row, media), "messages": [
         {"role": "user", "content": f"Track {row['expression']} in {row['sampling_fps']} FPS."},
         {"role": "assistant", "label": row["expression"],
          "tracks": [{"id": n, "points": points} for n, points in sorted(tracks.items())]}]}

@@ -27,6 +27,8 @@ def _bytes() -> tfds.features.Tensor:
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     """Shapes on plain backgrounds: pointing, counting, captions, QA (images) and tracking, counting (videos)."""
 
+    # Not bumped for `clip`: sets built before it read as they are (`data_source` takes the features stored
+    # with the data) and hold the same examples, so paths such as configs/train/tiny.yaml's stay valid.
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First version."}
     code_path = None  # nothing to download, so no checksums file to look up next to this module
@@ -43,6 +45,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                 "id": _bytes(), "task": _bytes(),
                 "images": tfds.features.Tensor(shape=(None,), dtype=np.object_),  # PNG bytes per image
                 "video": _bytes(),  # MPEG-4 bytes, b"" for image examples
+                "clip": tfds.features.Tensor(shape=(None,), dtype=np.float64),  # [start, end] s, or [] for all
                 "messages": _bytes(),  # JSON list of {"role", "content"}
                 "truth": _bytes(),  # JSON: objects with their per-frame centres and masks, label, count, size
             }),
@@ -55,7 +58,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, count: int):
         for index in range(count):
-            yield index, make_example(self.synthetic, split, index)
+            yield index, {"clip": np.zeros(0), **make_example(self.synthetic, split, index)}
 
 
 def build(data_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -> Path:
