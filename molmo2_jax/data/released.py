@@ -109,7 +109,7 @@ def _videopoint_clip(row: dict) -> tuple[float, float] | None:
                        f"{MAX_POINT_SECONDS} s only through their precomputed clips)")
     times = row["two_fps_timestamps"]
     first, last = (min(times), max(times)) if times else (0.0, MAX_POINT_SECONDS)
-    if not (0 <= start <= first and last <= end <= duration and end - start <= MAX_POINT_SECONDS):
+    if not (0 <= start <= first and last <= end <= duration and 0 < end - start <= MAX_POINT_SECONDS):
         raise RowError(f"the clip {start}-{end} s of the {duration} s video does not hold the annotated "
                        f"{first}-{last} s within {MAX_POINT_SECONDS} s (the official loader drops it)")
     return float(start), float(end)
@@ -138,10 +138,10 @@ def _track_video(row: dict, media: Path) -> dict:
     """A tracking row's video: the cut clip `<clip>.*` Ai2's download writes, else frames start_frame..end_frame
     of the source `<video>.*` (the cut it makes with ffmpeg, `_split_video_worker` in
     `olmo/data/molmo2_video_track_datasets.py`; the annotations' times count from its first frame)."""
-    first, last = row.get("start_frame"), row.get("end_frame")
     try:
         return {"video": str(_find(media, row.get("clip")))}
     except RowError:
+        first, last = row.get("start_frame"), row.get("end_frame")
         if first is None or last is None or not row.get("video"):
             return {"video": str(_find(media, row.get("clip"), row.get("video")))}
     return {"video": str(_find(media, row["video"])), "clip": [first / row["fps"], (last + 1) / row["fps"]]}
