@@ -24,7 +24,7 @@ from molmo2_jax.config import Molmo2Config
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.attention import tile_size, uses_blockwise
 from molmo2_jax.params import check_config, flatten, param_shapes
-from molmo2_jax.sharding import MESH_AXES, MeshError, describe_mesh, mesh_shape
+from molmo2_jax.sharding import MESH_AXES, MeshError, axes_size, check_sequence, describe_mesh, fitting_spec, mesh_shape
 from molmo2_jax.training.config import TrainConfig
 from molmo2_jax.training.step import make_train_step
 
@@ -186,8 +186,7 @@ def _check_workload(config: Molmo2Config, mesh: Mesh, work: Workload) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if work.batch % shards:
         raise MeshError(f"--batch {work.batch} is not divisible by data x fsdp = {shards}")
-    if work.seq % mesh.shape["sequence"]:
-        raise MeshError(f"--seq {work.seq} is not divisible by the sequence axis ({mesh.shape['sequence']})")
+    check_sequence(mesh, work.seq, "--seq")
     if work.tokens > work.seq:
         raise MeshError(f"--tokens {work.tokens} visual tokens do not fit in --seq {work.seq}")
     if work.seq > config.text.max_position_embeddings:
@@ -262,14 +261,16 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
     tensor, seq_shards = mesh.shape["tensor"], mesh.shape["sequence"]
     b = work.batch // batch_shards
     seq = work.seq // seq_shards
-    crops = work.batch * work.crops // batch_shards  # batch_shardings splits crops like the examples
+    # the ViT's crops split like the rules' act_crops (batch axes and sequence, where they divide)
+    crops = work.batch * work.crops
+    crops //= axes_size(mesh, fitting_spec(mesh, ("act_crops",), (crops,))[0])
     h_l, kv_l, f_l = t.num_heads // tensor, t.num_kv_heads // tensor, t.intermediate_size // tensor
     d, hd, L = t.hidden_size, t.head_dim, t.num_layers
 
     # Decoder layer intermediates for the local batch: (elements, kind). "dot" = a matmul output without
     # batch dims in the contraction (Dense), "bdot" = attention einsums (batch dims), "other" = elementwise.
     tokens = b * seq
-    full_t = b * work.seq  # keys/values span the whole sequence
+    full_t = b * work.seq  # keys/values all-gathered over `sequence` (context parallelism): the whole sequence
     layer = [
         (tokens * d, "other"), (tokens * d, "other"),  # norms
         (tokens * h_l * hd, "dot"), (full_t * kv_l * hd * 2, "dot"),  # q, k, v

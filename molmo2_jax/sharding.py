@@ -26,12 +26,17 @@ from molmo2_jax.errors import Molmo2Error
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits the params
+# Params are split over fsdp and sequence (FSDP over both: a sequence shard holds no weights of its own to
+# keep whole), and the ViT's crops and the pooled tokens over the batch axes and sequence, so each sequence shard
+# runs the ViT and the connector on its own part of the crops instead of all of them.
+PARAM_AXES = ("fsdp", "sequence")
+CROP_AXES = (*BATCH_AXES, "sequence")
 
 # logical name -> mesh axis (or tuple of axes, or None for replicated). Params first, then activations.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # LLM params
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", PARAM_AXES),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -39,10 +44,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     # vision + connector params
-    ("vit_embed", "fsdp"),
+    ("vit_embed", PARAM_AXES),
     ("vit_mlp", "tensor"),
     ("vit_heads", "tensor"),
-    ("vit_features", "fsdp"),  # 2304 concatenated ViT features entering the connector's q/k/v
+    ("vit_features", PARAM_AXES),  # 2304 concatenated ViT features entering the connector's q/k/v
     ("vit_in", None),  # 588 patch values / 729 positions (not divisible by typical mesh sizes)
     ("lora_rank", None),  # LoRA adapters: their other dims are their base kernel's
     # activations
@@ -53,9 +58,9 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("act_crops", BATCH_AXES),
+    ("act_crops", CROP_AXES),
     ("act_patches", None),
-    ("act_tokens", BATCH_AXES),
+    ("act_tokens", CROP_AXES),
     # KV cache [layers, batch, length, kv_heads, head_dim]
     ("cache_batch", BATCH_AXES),
     ("cache_length", "sequence"),
@@ -198,6 +203,13 @@ def fitting_spec(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) 
                 size *= mesh.shape[axis]
         spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*spec)
+
+
+def check_sequence(mesh: Mesh, length: int, what: str = "sequence length") -> None:
+    """Refuse a `length` the mesh's `sequence` axis does not divide (queries would not split evenly over it)."""
+    shards = mesh.shape["sequence"]
+    if length % shards:
+        raise MeshError(f"{what} {length} is not divisible by the sequence axis of the mesh (sequence={shards})")
 
 
 def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:

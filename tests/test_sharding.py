@@ -140,7 +140,8 @@ def test_preset_parameter_counts_match_the_spec(preset, total):
 def test_rules_table_rejects_collisions_and_unknown_names():
     from molmo2_jax.sharding import MeshError, check_table, logical_to_spec
 
-    assert tuple(logical_to_spec(("layers", "embed", "heads", "head_dim"))) == (None, "fsdp", "tensor", None)
+    assert tuple(logical_to_spec(("layers", "embed", "heads", "head_dim"))) == (None, ("fsdp", "sequence"), "tensor",
+                                                                                     None)
     with pytest.raises(MeshError, match="both map to mesh axis 'fsdp'"):
         logical_to_spec(("embed", "vit_embed"))
     with pytest.raises(MeshError, match="no sharding rule"):

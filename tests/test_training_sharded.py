@@ -63,7 +63,7 @@ def main() -> None:
                          grads)
     m1, p1, _, g1 = results["one"]
     largest = max(np.max(np.abs(g)) for g in g1.values())
-    assert tuple(results["sharded"][2]) == (None, "fsdp", "tensor", None), results["sharded"][2]
+    assert tuple(results["sharded"][2]) == (None, ("fsdp", "sequence"), "tensor", None), results["sharded"][2]
     for name in MESHES:
         m8, p8, _, g8 = results[name]
         np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6, err_msg=name)

@@ -7,16 +7,24 @@ only over the range of key tiles that may hold an allowed pair (from per-tile su
 attention does about half the work and a decode step skips the empty end of the cache.
 Grouped-query heads share their K/V tile: the group is folded into the query rows, K/V are never repeated.
 
-`attention` picks this path or the dense reference (`layers.dot_product_attention`) by the config.
+`attention` picks this path or the dense reference (`layers.dot_product_attention`) by the config. Under a mesh
+both kernels (this one and `pallas_attention`) run per device in `shard_map` (`per_device`): XLA cannot split
+their tile loops, and with the `sequence` axis split this is the context-parallel form (local queries, keys,
+values and key vectors all-gathered over `sequence`; the mask's slot vectors carry global positions, so the
+local queries need no offset).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
+from molmo2_jax.sharding import fitting_spec
 
 # Key length from which `attention="auto"` runs blockwise. Measured on XLA:CPU (bench/bench_attention.py, the
 # blockwise prefill looping over (batch row, KV head) pairs): below 128 keys dense is as fast or faster; from 128
@@ -38,9 +46,50 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, c
 
         return pallas_attention(q, k, v, mask, block_q=config.attention_block_q, block_kv=config.attention_block_kv)
     if uses_blockwise(config.attention, k.shape[1]):
-        return blockwise_attention(q, k, v, mask, block_q=config.attention_block_q,
+        attend = functools.partial(blockwise_attention, block_q=config.attention_block_q,
                                    block_kv=config.attention_block_kv)
+        return per_device(attend, q, k, v, mask)
     return dot_product_attention(q, k, v, None if mask is None else mask.allowed())
+
+
+def every_key(q: jax.Array, k: jax.Array) -> MaskInfo:
+    """Mask vectors allowing every key (one segment, no order): the ViT's attention."""
+    ones_q, ones_k = jnp.ones(q.shape[:2], jnp.int32), jnp.ones(k.shape[:2], jnp.int32)
+    return MaskInfo(ones_q, ones_q, ones_q.astype(bool), ones_k, ones_k, ones_k.astype(bool))
+
+
+def per_device(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None) -> jax.Array:
+    """`attend(q, k, v, mask)` (a kernel with `blockwise_attention`'s contract; mask None: every key) run per
+    device under the current mesh in `shard_map`, or directly without one.
+
+    Rows over data x fsdp (the ViT's crops by its own rule, which may add `sequence`), heads over tensor, queries
+    over `sequence` where it divides their length. When queries are split and it divides the key length too, K, V
+    and the key vectors come in split alike and are all-gathered over `sequence` inside (context parallelism; their
+    gradients are reduce-scattered back); otherwise keys are whole on every device.
+    """
+    rows, length = ("act_crops", "act_patches") if mask is None else ("act_batch", "act_length")
+    mask = every_key(q, k) if mask is None else mask
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return attend(q, k, v, mask)
+    q_spec = fitting_spec(mesh, (rows, length, "act_heads", None), q.shape)
+    axis = q_spec[1]  # the mesh axis splitting the queries, or None
+    split = axis is not None and k.shape[1] % mesh.shape[axis] == 0
+    kv_spec = fitting_spec(mesh, (rows, length if split else None, "act_kv_heads", None), k.shape)
+    if kv_spec[2] != q_spec[2]:  # heads and kv heads must split alike, or a device's groups would not match
+        q_spec, kv_spec = (PartitionSpec(*x[:2], None, None) for x in (q_spec, kv_spec))
+    q_vec, k_vec = PartitionSpec(*q_spec[:2]), PartitionSpec(*kv_spec[:2])
+
+    def local(q, k, v, mask):
+        if split:
+            gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
+            k, v = gather(k), gather(v)
+            mask = mask._replace(k_seg=gather(mask.k_seg), k_idx=gather(mask.k_idx), k_mm=gather(mask.k_mm))
+        return attend(q, k, v, mask)
+
+    mask_spec = MaskInfo(q_vec, q_vec, q_vec, k_vec, k_vec, k_vec)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, mask)
 
 
 def tile_size(length: int, block: int) -> int:

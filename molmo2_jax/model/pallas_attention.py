@@ -15,7 +15,7 @@ gradients match the blockwise path by construction; only the forward runs in Pal
 
 On a non-TPU backend the same kernel runs in Pallas interpret mode (slow: for tests). Under a mesh the kernel
 runs per device in `shard_map` (a Mosaic call cannot be split by XLA): batch over data x fsdp, queries over the
-sequence axis, heads over tensor; keys and values are whole on every device.
+sequence axis (keys, values and their vectors all-gathered over it), heads over tensor (`attention.per_device`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
-from molmo2_jax.model.attention import blockwise_attention
+from molmo2_jax.model.attention import blockwise_attention, per_device
 from molmo2_jax.model.layers import MaskInfo
-from molmo2_jax.sharding import fitting_spec
 
 LANES = 128  # key tiles are whole lane groups: the logits tile is [bq, bk] with bk on the lanes
 
@@ -201,19 +199,4 @@ def _on_device(q, k, v, mask, block_q, block_kv):
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, *, block_q: int,
                      block_kv: int) -> jax.Array:
     """Same result as `attention.blockwise_attention` (q `[B, T, H, D]`, k/v `[B, S, KV, D]`)."""
-    if mask is None:  # every key allowed: one segment
-        ones_q, ones_k = jnp.ones(q.shape[:2], jnp.int32), jnp.ones(k.shape[:2], jnp.int32)
-        mask = MaskInfo(ones_q, ones_q, ones_q.astype(bool), ones_k, ones_k, ones_k.astype(bool))
-    attend = functools.partial(_on_device, block_q=block_q, block_kv=block_kv)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return attend(q, k, v, mask)
-    spec = lambda names, x: fitting_spec(mesh, names, x.shape)
-    q_spec = spec(("act_batch", "act_length", "act_heads", None), q)
-    kv_spec = spec(("act_batch", None, "act_kv_heads", None), k)
-    q_vec, k_vec = spec(("act_batch", "act_length"), mask.q_seg), spec(("act_batch", None), mask.k_seg)
-    if kv_spec[2] != q_spec[2]:  # heads and kv heads must split alike, or a device's groups would not match
-        q_spec, kv_spec = (PartitionSpec(*x[:2], None, None) for x in (q_spec, kv_spec))
-    mask_spec = MaskInfo(q_vec, q_vec, q_vec, k_vec, k_vec, k_vec)
-    return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v, mask)
+    return per_device(functools.partial(_on_device, block_q=block_q, block_kv=block_kv), q, k, v, mask)

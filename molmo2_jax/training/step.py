@@ -37,7 +37,7 @@ from molmo2_jax.config import ConfigError, Molmo2Config, to_dict
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, param_shardings, unflatten
-from molmo2_jax.sharding import activate, batch_shardings, logical_to_spec, make_mesh
+from molmo2_jax.sharding import activate, batch_shardings, check_sequence, logical_to_spec, make_mesh
 from molmo2_jax.training.config import GroupConfig, TrainConfig, TrainConfigError
 from molmo2_jax.training.loss import weighted_sums
 from molmo2_jax.training.optimizer import FROZEN, make_optimizer, param_labels, schedules
@@ -150,6 +150,8 @@ class TrainStep:
     def batch_shardings(self, batch_spec: Mapping[str, Any]) -> dict[str, NamedSharding]:
         """Shardings for a batch (arrays or ShapeDtypeStructs): the micro-batch axis replicated, then each
         micro-batch laid out as `sharding.batch_shardings` lays out one batch."""
+        if "input_ids" in batch_spec:
+            check_sequence(self.mesh, np.shape(batch_spec["input_ids"])[-1])
         micro = {k: jax.ShapeDtypeStruct(np.shape(v)[1:], jnp.int32) for k, v in batch_spec.items()}
         return {k: NamedSharding(self.mesh, PartitionSpec(None, *s.spec))
                 for k, s in batch_shardings(self.mesh, micro).items()}
