@@ -157,3 +157,17 @@ def test_bad_chunk_sizes_are_refused_in_one_line_before_compiling():
 
 if __name__ == "__main__":
     main()
+
+
+def test_plan_counts_one_chunk_of_logits_when_the_loss_is_chunked():
+    """`plan`'s analytic estimate: with the chunked loss the logits term is that of one chunk (plus the kept
+    log-sum-exp), everything else unchanged. From abstract shapes: nothing compiles."""
+    from molmo2_jax.plan import Workload, abstract_batch, estimate
+
+    config, mesh, work = model_config("qwen3"), make_mesh({}, jax.devices()[:1]), Workload(4, 512, 1, 100)
+    ts = make_train_step(config, train_config(0), mesh)
+    state = ts.abstract_state()
+    abstract = {"params": state["params"], "opt_state": state["opt_state"], "batch": abstract_batch(config, work)}
+    plain, chunked = (estimate(config, mesh, work, abstract, chunk) for chunk in (0, 4 * 64))
+    assert plain.logits > 7 * chunked.logits  # 2048 tokens vs a chunk of 256 (and 2048 kept lse values)
+    assert plain.total - plain.logits == chunked.total - chunked.logits
