@@ -24,8 +24,8 @@ from molmo2_jax.training.step import make_train_step
 # name: (model preset overrides, rows, tokens per row, loss_chunk_tokens)
 CASES = {
     "tiny": ([], 4, 256, 256),
-    "small": (["text.hidden_size=256", "text.intermediate_size=1024", "text.head_dim=32", "text.vocab_size=32768"],
-              2, 2048, 512),
+    "small": (["text.hidden_size=256", "adapter.text_hidden_size=256", "text.intermediate_size=1024",
+               "text.head_dim=32", "text.vocab_size=32768"], 2, 2048, 512),
 }
 
 
