@@ -217,7 +217,7 @@ class Estimate:
     batch: int
     saved_activations: int  # kept across the layer loop for the backward pass
     layer_working_set: int  # one layer's recomputed activations and their gradients
-    logits: int  # logits, their softmax and gradient (fp32)
+    logits: int  # logits, their softmax and gradient (fp32); with a chunked loss one chunk's, plus the lse kept
     largest_gathered_layer: int  # one scanned layer's params gathered over fsdp (plus its gradient)
 
     @property
@@ -252,9 +252,11 @@ def attention_pairs(config: Molmo2Config, length: int, visual: int | None) -> in
     return int(visited.sum()) * bq * bk
 
 
-def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping[str, Any]) -> Estimate:
+def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping[str, Any],
+             loss_chunk_tokens: int = 0) -> Estimate:
     """What a careful FSDP/TP implementation needs per device; assumes XLA frees each layer's gathered weights
-    and working set after use (the figures XLA reports should come close when it does)."""
+    and working set after use (the figures XLA reports should come close when it does). `loss_chunk_tokens`: the
+    train config's (tokens per device of one chunk of the chunked loss; 0: the plain loss)."""
     t, v = config.text, config.vision
     act = jnp.dtype(config.dtype).itemsize
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -296,7 +298,9 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
     vit_carry = vt * v.hidden_size * act * (1 + len(config.adapter.vit_layers))
     saved += v.num_layers * (vit_carry + (vit_layer if policy == "none" else 0))
     working = max(working, 2 * vit_layer)
-    logits = 3 * tokens * (t.vocab_size // tensor) * 4
+    # fp32 logits, softmax and gradient of the device's tokens, or of one chunk plus the per-token lse it keeps
+    logits = 3 * min(tokens, loss_chunk_tokens or tokens) * (t.vocab_size // tensor) * 4 \
+        + (tokens * 4 if loss_chunk_tokens else 0)
 
     trained, base = _nbytes(abstract["params"]), abstract.get("base") or {}  # LoRA: adapters + frozen base
     # FSDP gathers a param's fsdp shards before use: one decoder layer's slice of the stacked params, or the
@@ -345,7 +349,8 @@ def plan(config: Molmo2Config, mesh: Mesh, work: Workload, train: TrainConfig | 
             raise
         tpu_says = next(line for line in str(e).splitlines() if line.strip()).replace("RESOURCE_EXHAUSTED: ", "")
         raise TargetError(f"does not fit on {target.name}: {tpu_says}") from None
-    return {"compiled": figures, "estimate": estimate(config, mesh, work, abstract),
+    chunk = train.loss_chunk_tokens if train is not None else 0
+    return {"compiled": figures, "estimate": estimate(config, mesh, work, abstract, chunk),
             "num_params": sum(math.prod(s) for s in param_shapes(config).values()),
             "model_flops": model_flops(config, work), "devices": mesh.size, "target": target}
 
@@ -361,6 +366,16 @@ def _path(config: Molmo2Config, length: int, visual: int | None) -> str:
     bq, bk = tile_size(length, config.attention_block_q), tile_size(length, config.attention_block_kv)
     return (f"blockwise ({bq} x {bk} tiles, {attention_pairs(config, length, visual) / length**2:.0%} of the "
             f"[T, S] square)")
+
+
+def _loss_path(config: Molmo2Config, mesh: Mesh, work: Workload, train: TrainConfig | None) -> str:
+    tokens = work.batch * work.seq // (mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["sequence"])
+    vocab = config.text.vocab_size // mesh.shape["tensor"]
+    chunk = train.loss_chunk_tokens if train is not None else 0
+    if not chunk:
+        return f"plain (fp32 logits [{tokens:,}, {vocab:,}] per device)"
+    return (f"chunked, {tokens // chunk} chunks of {chunk:,} tokens per device (fp32 logits [{chunk:,}, {vocab:,}] "
+            f"each; the backward recomputes them: 2 x hidden x vocab FLOPs per token more than the model FLOPs)")
 
 
 def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, result: Mapping[str, Any],
@@ -383,6 +398,7 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
         f"  batch {work.batch} x seq {work.seq}; per sequence {work.crops} crops, {work.tokens} visual tokens "
         f"({work.pool} patches each)",
         f"  attention: decoder {_path(config, work.seq, work.tokens)}; ViT {_path(config, v.num_patches, None)}",
+        f"  loss: {_loss_path(config, mesh, work, train)}",
         f"  lower {c.lower_seconds:.1f} s, compile {c.compile_seconds:.1f} s",
         "",
         f"per device, GiB        {who}  analytic",

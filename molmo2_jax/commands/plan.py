@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plan LoRA training of this rank instead of full fine-tuning (default 0: full)")
     parser.add_argument("--lora-targets", default=None, metavar="REGEX",
                         help="kernels to adapt (default: the LLM's q/k/v/o and MLP)")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=0, metavar="N",
+                        help="plan the chunked loss, N tokens per device per chunk (the train config's "
+                             "loss_chunk_tokens; default 0: the plain loss over the whole fp32 logits)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="model config overrides, e.g. text.num_layers=2")
 
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     work = Workload(batch=args.batch, seq=args.seq, crops=crops if args.crops is None else args.crops,
                     tokens=tokens if args.tokens is None else args.tokens, pool=args.pool)
     lora = {"rank": args.lora} | ({"targets": args.lora_targets} if args.lora_targets else {})
-    train = parse_train_config({"model": {"preset": args.model}, "lora": lora})
+    train = parse_train_config({"model": {"preset": args.model}, "lora": lora,
+                                "loss_chunk_tokens": args.loss_chunk_tokens})
     target = None if args.target is None else tpu_target(args.target)
     mesh = make_mesh(spec) if target is None else target_mesh(target, spec)
     result = plan(config, mesh, work, train, target)

@@ -124,6 +124,9 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     steps: int = 1000
     grad_accum: int = 1  # micro-batches per optimizer step
+    # > 0: the loss runs over token chunks of this many tokens per device (training/loss.py), never holding the
+    # fp32 [B, T, vocab] logits; it must be the device's rows x a divisor of its sequence slice. 0: plain loss
+    loss_chunk_tokens: int = 0
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
@@ -135,6 +138,8 @@ class TrainConfig:
             raise TrainConfigError(f"steps must be >= 1, got {self.steps}")
         if self.grad_accum < 1:
             raise TrainConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.loss_chunk_tokens < 0:
+            raise TrainConfigError(f"loss_chunk_tokens must be >= 0 (0: the plain loss), got {self.loss_chunk_tokens}")
         if self.init.kind not in ("random", "molmo2", "llm_vit"):
             raise TrainConfigError(f"init.kind {self.init.kind!r} is not one of ['llm_vit', 'molmo2', 'random']")
         if self.init.kind == "molmo2" and not self.init.checkpoint:

@@ -37,9 +37,9 @@ from molmo2_jax.config import ConfigError, Molmo2Config, to_dict
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import abstract_params, flatten, init_params, logical_names, param_shardings, unflatten
-from molmo2_jax.sharding import activate, batch_shardings, check_sequence, logical_to_spec, make_mesh
+from molmo2_jax.sharding import activate, batch_shardings, check_sequence, fitting_spec, logical_to_spec, make_mesh
 from molmo2_jax.training.config import GroupConfig, TrainConfig, TrainConfigError
-from molmo2_jax.training.loss import weighted_sums
+from molmo2_jax.training.loss import chunked_weighted_sums, weighted_sums
 from molmo2_jax.training.optimizer import FROZEN, make_optimizer, param_labels, schedules
 
 TARGET_KEYS = ("target_ids", "loss_weights")
@@ -173,17 +173,38 @@ class TrainStep:
 
     # -- the step --------------------------------------------------------------------------------------------
 
+    def loss_chunks(self, rows: int, length: int) -> int:
+        """How many chunks the loss of a `[rows, length]` micro-batch runs in (0: the plain loss). Raises
+        TrainConfigError, at trace time (before anything compiles), when `loss_chunk_tokens` does not fit."""
+        tokens = self.train_config.loss_chunk_tokens
+        if not tokens:
+            return 0
+        # one device's slice of the micro-batch: rows over data x fsdp where they divide, as batch_shardings lays
+        # them out; the sequence over the sequence axis
+        local = NamedSharding(self.mesh, fitting_spec(self.mesh, ("act_batch", "act_length"), (rows, length)))
+        rows, length = local.shard_shape((rows, length))
+        per_row, rest = divmod(tokens, rows)
+        if rest or not per_row or length % per_row:
+            raise TrainConfigError(f"loss_chunk_tokens={tokens} does not fit a device's {rows} row(s) x {length} "
+                                   f"tokens: use {rows} x a divisor of {length} (or 0 for the plain loss)")
+        return length // per_row
+
     def _loss_sums(self, params, base, micro_batch, dropout_key=None):
         inputs = {k: v for k, v in micro_batch.items() if k in MODEL_KEYS}
+        chunks = self.loss_chunks(*np.shape(micro_batch["input_ids"]))
         if self.lora is None:
             params = jax.tree_util.tree_map(lambda x, frozen: jax.lax.stop_gradient(x) if frozen else x,
                                             params, self._frozen)
-            logits, _ = self.module.apply({"params": params}, **inputs)
+            out, _ = self.module.apply({"params": params}, **inputs, return_hidden=bool(chunks))
         else:
             rngs = {} if dropout_key is None else {"dropout": dropout_key}
+            params = lora.combine(base, params)
             with lora.applied(self.lora, deterministic=dropout_key is None):
-                logits, _ = self.module.apply({"params": lora.combine(base, params)}, **inputs, rngs=rngs)
-        return weighted_sums(logits, micro_batch["target_ids"], micro_batch["loss_weights"])
+                out, _ = self.module.apply({"params": params}, **inputs, rngs=rngs, return_hidden=bool(chunks))
+        if chunks:  # `out` is the final hidden states; the LM head is applied chunk by chunk
+            return chunked_weighted_sums(out, params["lm_head"], micro_batch["target_ids"],
+                                         micro_batch["loss_weights"], chunks)
+        return weighted_sums(out, micro_batch["target_ids"], micro_batch["loss_weights"])
 
     def _dropout_keys(self, step, count: int):
         """LoRA dropout keys of one step's micro-batches (a function of the step: resuming replays them)."""
