@@ -162,3 +162,17 @@ def tracking_set():
         (empty, '<tracks coords="0.0 1 200 200">players</tracks>'),
     ]
     return [dict(r, id=f"{r['id']}-{n}") for n, (r, _) in enumerate(rows_answers)], [a for _, a in rows_answers]
+
+
+def write_lossless_mp4(path, frames: np.ndarray, fps: int = 2):
+    """An MP4 holding exactly `frames` `[n, H, W, 3]` uint8 (lossless H.264 in 4:4:4), so a clip of it and a file
+    cut from it decode to the same pixels."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path

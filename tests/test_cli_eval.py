@@ -187,18 +187,6 @@ def test_a_mesh_over_the_processes_devices_gives_the_same_answers(checkpoint, da
     assert (tmp_path / "mesh" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
 
 
-def _write_lossless_video(path, frames, fps=2):
-    """An MP4 holding exactly `frames` (lossless H.264 in 4:4:4), so a clip of it and a file cut from it decode
-    to the same pixels."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"qp": "0"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
 
 def test_video_count_clips_decide_what_the_model_sees(checkpoint, tmp_path, capsys):
     """Molmo2-VideoCountEval rows name a clip: eval shows only its frames, timed from its start (as Ai2's
@@ -208,8 +196,8 @@ def test_video_count_clips_decide_what_the_model_sees(checkpoint, tmp_path, caps
     frames = rng.integers(0, 256, (16, F.H, F.W, 3), dtype=np.uint8)  # 8 s at 2 fps
     d = tmp_path / "data"
     d.mkdir()
-    _write_lossless_video(d / "full.mp4", frames)
-    _write_lossless_video(d / "second_half.mp4", frames[8:])
+    F.write_lossless_mp4(d / "full.mp4", frames)
+    F.write_lossless_mp4(d / "second_half.mp4", frames[8:])
     rows, _ = F.video_count_set()
     row = dict(rows[0], video_duration=8.0)
     rows = [dict(row, id="late", video_id="full", clip_start=4.0, clip_end=8.0),
@@ -247,8 +235,8 @@ def test_tracking_takes_the_clips_frames_from_the_source_video(checkpoint, tmp_p
     frames = rng.integers(0, 256, (10, F.H, F.W, 3), dtype=np.uint8)  # 5 s at 2 fps
     d = tmp_path / "data"
     d.mkdir()
-    _write_lossless_video(d / "source.mp4", frames)
-    _write_lossless_video(d / "cut.mp4", frames[4:])
+    F.write_lossless_mp4(d / "source.mp4", frames)
+    F.write_lossless_mp4(d / "cut.mp4", frames[4:])
     rows, _ = F.tracking_set()
     rows = [dict(rows[0], id="from-cut", clip="cut", video="source", start_frame=4, end_frame=9),
             dict(rows[0], id="from-source", clip="absent", video="source", start_frame=4, end_frame=9),

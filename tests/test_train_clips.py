@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from eval_fixtures import write_lossless_mp4
 from ref_tokenizer import make_tokenizer_dir
 
 from molmo2_jax.data.conversation import tokenize_conversation
@@ -26,20 +27,6 @@ MESSAGES = [{"role": "user", "content": "Point to the ball."}, POINTS]
 BUCKETS = (Bucket(seq_len=2048, max_crops=6, max_image_tokens=1200, max_frames=12, max_video_tokens=972),)
 
 
-def write_lossless_mp4(path, frames, fps=FPS):
-    """An MP4 holding exactly `frames` (lossless H.264 in 4:4:4), so a clip of it and a file cut from it decode
-    to the same pixels."""
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"qp": "0"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
 @pytest.fixture(scope="module")
 def processor_dir(tmp_path_factory):
     return make_tokenizer_dir(tmp_path_factory.mktemp("tok"), "qwen3", extra_words=["Point", "ball"])
@@ -50,8 +37,8 @@ def media(tmp_path_factory):
     """6 s at 2 fps (`full.mp4`) and its last 3 s cut into `cut.mp4`."""
     d = tmp_path_factory.mktemp("media")
     frames = np.random.default_rng(0).integers(0, 256, (6 * FPS, H, W, 3), dtype=np.uint8)
-    write_lossless_mp4(d / "full.mp4", frames)
-    write_lossless_mp4(d / "cut.mp4", frames[3 * FPS:])
+    write_lossless_mp4(d / "full.mp4", frames, fps=FPS)
+    write_lossless_mp4(d / "cut.mp4", frames[3 * FPS:], fps=FPS)
     return d
 
 
