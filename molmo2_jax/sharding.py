@@ -55,7 +55,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_vocab", "tensor"),
     ("act_crops", BATCH_AXES),
     ("act_patches", None),
-    ("act_tokens", BATCH_AXES),
+    ("act_tokens", BATCH_AXES),  # the connector's windows of all rows, flattened
+    ("act_visual", None),  # a row's pooled visual tokens (the row is on the batch axes)
     # KV cache [layers, batch, length, kv_heads, head_dim]
     ("cache_batch", BATCH_AXES),
     ("cache_length", "sequence"),
