@@ -115,6 +115,8 @@ def to_rows(arrays: Mapping[str, Any], image_patch_id: int, patches_per_crop: in
                              f"be [crops, patches, values], got {None if pixels is None else np.shape(pixels)}")
         pixels = np.asarray(pixels)
         if selections is None:
+            if arrays.get("input_ids") is None:
+                raise InputError("model inputs need 'input_ids'")
             selections = _streams(arrays, image_patch_id, axis=0)
         counts = selections[stream].sum(axis=1)
         kept = pooling[np.any(pooling >= 0, axis=-1)]

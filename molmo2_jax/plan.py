@@ -48,7 +48,7 @@ class Workload:
 
 
 def abstract_batch(config: Molmo2Config, work: Workload) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of a padded training batch (the data/training contract)."""
+    """ShapeDtypeStructs of a padded training batch (the batch contract: visual arrays per row)."""
     v = config.vision
     b, t = work.batch, work.seq
     i32 = jnp.int32
@@ -57,8 +57,8 @@ def abstract_batch(config: Molmo2Config, work: Workload) -> dict[str, jax.ShapeD
         "mm_token_type_ids": jax.ShapeDtypeStruct((b, t), i32),
         "position_ids": jax.ShapeDtypeStruct((b, t), i32),
         "segment_ids": jax.ShapeDtypeStruct((b, t), i32),
-        "pixel_values": jax.ShapeDtypeStruct((b * work.crops, v.num_patches, v.patch_dim), jnp.dtype(config.dtype)),
-        "image_token_pooling": jax.ShapeDtypeStruct((b * work.tokens, work.pool), i32),
+        "pixel_values": jax.ShapeDtypeStruct((b, work.crops, v.num_patches, v.patch_dim), jnp.dtype(config.dtype)),
+        "image_token_pooling": jax.ShapeDtypeStruct((b, work.tokens, work.pool), i32),
         "target_ids": jax.ShapeDtypeStruct((b, t), i32),
         "loss_weights": jax.ShapeDtypeStruct((b, t), jnp.float32),
     }
@@ -262,7 +262,7 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
     tensor, seq_shards = mesh.shape["tensor"], mesh.shape["sequence"]
     b = work.batch // batch_shards
     seq = work.seq // seq_shards
-    crops = work.batch * work.crops // batch_shards  # batch_shardings splits crops like the examples
+    crops = work.batch * work.crops // batch_shards  # each device runs the crops of its own rows
     h_l, kv_l, f_l = t.num_heads // tensor, t.num_kv_heads // tensor, t.intermediate_size // tensor
     d, hd, L = t.hidden_size, t.head_dim, t.num_layers
 

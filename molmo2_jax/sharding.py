@@ -202,7 +202,7 @@ def fitting_spec(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) 
 
 
 def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
-    """Input shardings: the leading axis (examples, crops, pooled tokens) over `data` x `fsdp` where it
-    divides; every other axis replicated."""
+    """Input shardings: the leading axis (examples; visual arrays are per example) over `data` x `fsdp` where
+    it divides; every other axis replicated."""
     return {k: NamedSharding(mesh, fitting_spec(mesh, ("act_batch",) + (None,) * (np.ndim(v) - 1), np.shape(v)))
             for k, v in batch.items()}

@@ -66,7 +66,7 @@ def test_packed_batch_matches_each_example_alone(reference, packed):
 
 def test_targets_positions_and_segments_stay_in_each_example(packed):
     inputs, examples, rows, batch = packed
-    assert batch["input_ids"].shape == (2, 768) and batch["pixel_values"].shape == (6, 729, 588)
+    assert batch["input_ids"].shape == (2, 768) and batch["pixel_values"].shape == (2, 6, 729, 588)
     for r, row in enumerate(rows):
         for seg, ex in enumerate(row, start=1):
             _, sl = _slots(rows, ex["name"])
@@ -76,18 +76,22 @@ def test_targets_positions_and_segments_stay_in_each_example(packed):
             np.testing.assert_array_equal(batch["target_ids"][r, sl][:-1], ex["input_ids"][1:])
             assert batch["loss_weights"][r, sl][-1] == 0 and np.all(batch["loss_weights"][r, sl][:-1] == 1)
     assert np.all(batch["loss_weights"][batch["segment_ids"] == 0] == 0)
-    # pooling rows index the concatenated crops, in the order of the <im_patch> tokens
-    first_crop = batch["pixel_values"][2]  # example 1's global crop follows example 0's two crops
-    np.testing.assert_array_equal(first_crop, inputs[1]["pixel_values"][0])
-    n0 = len(inputs[0]["image_token_pooling"])
-    np.testing.assert_array_equal(batch["image_token_pooling"][n0 : n0 + 3], inputs[1]["image_token_pooling"][:3]
-                                  + 2 * 729)
+    # each row holds its own examples' crops and frames; pooling rows index the row's crops, in the order of its
+    # <im_patch> tokens (example 1, alone in row 1, keeps its own indices)
+    n0, n1 = len(inputs[0]["image_token_pooling"]), len(inputs[1]["image_token_pooling"])
+    np.testing.assert_array_equal(batch["pixel_values"][0, :2], inputs[0]["pixel_values"])
+    np.testing.assert_array_equal(batch["pixel_values"][1, :2], inputs[1]["pixel_values"])
+    np.testing.assert_array_equal(batch["image_token_pooling"][0, :n0], inputs[0]["image_token_pooling"])
+    np.testing.assert_array_equal(batch["image_token_pooling"][1, :n1], inputs[1]["image_token_pooling"])
+    np.testing.assert_array_equal(batch["video_token_pooling"][0, :len(inputs[2]["video_token_pooling"])],
+                                  inputs[2]["video_token_pooling"])
+    assert (batch["image_token_pooling"][:, max(n0, n1):] == -1).all() and (batch["video_token_pooling"][1] == -1).all()
     masks = vision_masks(batch)
-    assert masks["crop_mask"].tolist() == [True] * 4 + [False] * 2
-    assert masks["frame_mask"].tolist() == [True] * 3 + [False]
+    assert masks["crop_mask"].tolist() == [[True] * 2 + [False] * 4] * 2
+    assert masks["frame_mask"].tolist() == [[True] * 3 + [False], [False] * 4]
     assert set(batch) == set(MODEL_KEYS) | {"target_ids", "loss_weights"}
     stats = fill_stats(batch)
-    assert stats["crop_share"] == 4 / 6 and stats["frame_share"] == 3 / 4 and stats["examples"] == 4
+    assert stats["crop_share"] == 4 / 12 and stats["frame_share"] == 3 / 8 and stats["examples"] == 4
     assert stats["token_share"] == pytest.approx(sum(len(e["input_ids"]) for e in examples) / (2 * 768))
 
 

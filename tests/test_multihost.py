@@ -78,21 +78,14 @@ def _host_micro_batch(config, index: int, host: int) -> dict[str, np.ndarray]:
     batch = _examples(config, index, host)
     if host == 1 and index == 2:
         grow = {"pixel_values": 1, "image_token_pooling": 3}
-        batch = {k: pad_to(k, v, (len(v) + grow.get(k, 0), *v.shape[1:])) for k, v in batch.items()}
+        batch = {k: pad_to(k, v, (len(v), v.shape[1] + grow.get(k, 0), *v.shape[2:])) for k, v in batch.items()}
     return batch
 
 
 def _merged_micro_batch(config, index: int) -> dict[str, np.ndarray]:
-    """Micro-batch `index` as one process sees it: both hosts' examples, pooling indices into all crops."""
-    from molmo2_jax.batch import shift_pooling
-
+    """Micro-batch `index` as one process sees it: both hosts' examples (pooling indices are per row)."""
     parts = [_examples(config, index, host) for host in (0, 1)]
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    shift = len(parts[0]["pixel_values"]) * config.vision.num_patches
-    pooling = parts[1]["image_token_pooling"]
-    merged["image_token_pooling"] = np.concatenate([parts[0]["image_token_pooling"],
-                                                    shift_pooling(pooling, shift)])
-    return merged
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _worker(process_id: int, port: int, out_dir: str, mode: str) -> None:
