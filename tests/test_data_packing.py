@@ -103,3 +103,17 @@ def test_small_batch_takes_the_smallest_bucket_and_oversize_is_named():
     long = dict(ex, name="long.jsonl:3", input_ids=np.ones(800, np.int32))
     with pytest.raises(DataError, match=r"long.jsonl:3: needs seq_len=800 but the largest bucket allows 768"):
         check_fits(long, BUCKETS[1])
+
+
+def test_vision_budgets_are_per_row():
+    """An example whose crops do not fit the first row's budget goes to the next row, though its tokens would fit."""
+    def image_example(name, crops):
+        ids = np.ones(10, np.int32)
+        return {"name": name, "input_ids": ids, "mm_token_type_ids": np.zeros(10, np.int32),
+                "token_weights": np.ones(10, np.float32), "pixel_values": np.zeros((crops, 4, 3), np.float32),
+                "image_token_pooling": np.zeros((0, 4), np.int32)}
+    capacity = Bucket(seq_len=64, max_crops=4, max_image_tokens=8, max_frames=0, max_video_tokens=0)
+    builder = BatchBuilder(batch_size=2, capacity=capacity)
+    assert builder.add(image_example("a", 3)) and builder.add(image_example("b", 3))
+    assert builder.add(image_example("c", 1)) and not builder.add(image_example("d", 2))
+    assert [[ex["name"] for ex in row] for row in builder.rows] == [["a", "c"], ["b"]]
