@@ -150,14 +150,14 @@ def _worker(process_id: int, port: int, out_dir: str, mode: str) -> None:
                                                                _host_micro_batch(config, 6, process_id)["input_ids"]))
     params = {p: multihost_utils.process_allgather(x, tiled=True) for p, x in flatten(restored["params"]).items()}
 
-    # hosts whose pipelines disagree, a mesh whose batch axes do not span the hosts and a rank-5 array fail on
+    # hosts whose pipelines disagree, a mesh whose batch axes do not span the hosts and a rank-6 array fail on
     # every host
     mine = _host_micro_batch(config, 0, process_id)
     if process_id == 1:
         mine["extra"] = mine["input_ids"]
     result["errors"] = []
     for bad_mesh, local in ((mesh, mine), (make_mesh({"tensor": 8}), mine),
-                            (mesh, {"input_ids": np.zeros((1,) * 5, np.int32)})):
+                            (mesh, {"input_ids": np.zeros((1,) * 6, np.int32)})):
         try:
             distributed.agree(bad_mesh, sorted({*mine, "extra"}), local)
         except ValueError as e:
@@ -214,7 +214,7 @@ def test_two_processes_match_single_process(tmp_path, mode):
         assert len(errors) == 3, errors
         assert "the processes' batches differ in their keys or ranks (['extra'])" in errors[0]
         assert "the batch axes (data x fsdp = 1) do not split over 2 processes" in errors[1]
-        assert "batch['input_ids'] has rank 5; at most 4 is supported" in errors[2]
+        assert "batch['input_ids'] has rank 6; at most 5 is supported" in errors[2]
 
     # the same training in this (single-device) process on the merged batches
     config = load_preset("tiny", OVERRIDES)
