@@ -227,7 +227,7 @@ def profile(name: str, inputs, repeats: int) -> None:
     # the parts, ours
     vit = jax.jit(lambda p, x: model.module.apply({"params": p}, x, method="vit_features"))
     visual = jax.jit(lambda p, x, i: model.module.apply({"params": p}, x, i, method="visual_tokens"))
-    parts = {"vit": lambda: jax.block_until_ready(vit(model.params, prepared["pixel_values"])),
+    parts = {"vit": lambda: jax.block_until_ready(vit(model.params, prepared["pixel_values"][0])),  # one row
              "vit+connector": lambda: jax.block_until_ready(
                  visual(model.params, prepared["pixel_values"], prepared["image_token_pooling"])),
              "forward": lambda: jax.block_until_ready(model(inputs))}

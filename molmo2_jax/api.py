@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from molmo2_jax.batch import IGNORED_KEYS, INPUT_KEYS, TOKEN_KEYS, InputError, patch_streams
+from molmo2_jax.batch import IGNORED_KEYS, INPUT_KEYS, TOKEN_KEYS, InputError, check_rows, to_rows
 from molmo2_jax.checkpoint.formats import open_checkpoint
 from molmo2_jax.checkpoint.peft import read_adapter
 from molmo2_jax.config import Molmo2Config
@@ -47,7 +47,8 @@ class Molmo2Model:
         return jax.jit(lambda params, inputs: self.module.apply({"params": params}, **inputs)[0])
 
     def prepare(self, inputs: Mapping[str, Any]) -> dict[str, jax.Array]:
-        """Check a processor output dict and convert it to arrays (torch tensors and lists are accepted)."""
+        """Check a processor output dict and convert it to arrays in the batch contract (torch tensors and lists
+        are accepted; visual arrays in the transformers layout are moved into rows, `batch.to_rows`)."""
         unknown = sorted(set(inputs) - set(INPUT_KEYS) - set(IGNORED_KEYS))
         if unknown:
             raise InputError(f"unknown model input(s) {unknown}; expected keys among {list(INPUT_KEYS)}")
@@ -61,25 +62,10 @@ class Molmo2Model:
         if ids.shape[1] > self.config.text.max_position_embeddings:
             raise InputError(f"input of {ids.shape[1]} tokens exceeds the model's maximum length "
                              f"{self.config.text.max_position_embeddings}")
-        self._check_visual_counts(arrays)
+        patch = self.config.tokens.image_patch
+        arrays = to_rows(arrays, patch, self.config.vision.num_patches)
+        check_rows(arrays, patch)
         return {k: jnp.asarray(v) for k, v in arrays.items()}
-
-    def _check_visual_counts(self, arrays: dict[str, np.ndarray]) -> None:
-        present = {key: arrays.get(key) is not None and arrays[key].shape[0] > 0
-                   for key in ("image_token_pooling", "video_token_pooling")}
-        streams = patch_streams(arrays["input_ids"], self.config.tokens.image_patch, arrays.get("video_patch_mask"),
-                                has_images=present["image_token_pooling"], has_videos=present["video_token_pooling"])
-        for what, pooling_key, pixels_key, selected in zip(
-                ("image", "video"), ("image_token_pooling", "video_token_pooling"),
-                ("pixel_values", "pixel_values_videos"), streams):
-            count = int(selected.sum())
-            pooling = arrays.get(pooling_key)
-            rows = 0 if pooling is None else int(np.any(pooling >= 0, axis=-1).sum())
-            if rows != count:
-                raise InputError(f"{count} {what} <im_patch> tokens but {rows} {what} feature rows in "
-                                 f"{pooling_key}; inputs must come from the same processor call")
-            if rows and arrays.get(pixels_key) is None:
-                raise InputError(f"{pooling_key} given without {pixels_key}")
 
     def __call__(self, inputs: Mapping[str, Any]) -> jax.Array:
         """Logits `[batch, seq, vocab]` (fp32) for a processor output dict."""

@@ -19,15 +19,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from molmo2_jax.batch import shift_pooling
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.sharding import BATCH_AXES, MeshError, describe_mesh
 
 ENV = {"coordinator": "MOLMO2_COORDINATOR", "num_processes": "MOLMO2_NUM_PROCESSES",
        "process_id": "MOLMO2_PROCESS_ID"}
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
-POOLING = {"image_token_pooling": "pixel_values", "video_token_pooling": "pixel_values_videos"}  # -> what it indexes
-_MAX_RANK = 4  # of a batch array: [micro-batches, crops, patches, patch values]
+_MAX_RANK = 5  # of a batch array: [micro-batches, examples, crops, patches, patch values]
 
 
 class DistributedError(Molmo2Error):
@@ -90,7 +88,7 @@ def agree(mesh: Mesh, keys: Sequence[str], local: Mapping[str, np.ndarray] | Non
 
     `local` is this process's batch (arrays of `keys`), or None when its data ran out (then `shapes` is None on
     every process). Hosts may pack their batches to different buckets, so each array is padded to the elementwise
-    max shape over the processes, with `axis` (examples, crops, pooled tokens) rounded up to split evenly over
+    max shape over the processes, with `axis` (examples) rounded up to split evenly over
     the batch shards of each process. `maxima` / `totals` are small integers maxed / summed over the processes.
     """
     count = jax.process_count()
@@ -132,25 +130,18 @@ def agree(mesh: Mesh, keys: Sequence[str], local: Mapping[str, np.ndarray] | Non
 def global_batch(local: Mapping[str, np.ndarray],
                  shardings: Callable[[dict[str, jax.ShapeDtypeStruct]], Mapping[str, NamedSharding]],
                  axis: int = 0) -> dict[str, jax.Array]:
-    """Global arrays from this process's share of every batch array: `axis` (examples, crops, frames, pooled
-    tokens) holds only this process's own, which become one contiguous block of the global array (its rows
-    under the batch sharding). Pooling indices count this process's own crops / frames, so they are shifted by
-    the crops / frames of the blocks before it. Every process passes the same shapes (see `agree`);
+    """Global arrays from this process's share of every batch array: `axis` (examples) holds only this process's
+    own, which become one contiguous block of the global array (its rows under the batch sharding); pooling
+    indices are per row, so they stay as they are. Every process passes the same shapes (see `agree`);
     `shardings` maps the global shapes to the batch shardings."""
     count = jax.process_count()
     spec = {k: jax.ShapeDtypeStruct(_resized(np.shape(v), axis, np.shape(v)[axis] * count), np.asarray(v).dtype)
             for k, v in local.items()}
     placement = shardings(spec)
-    starts = {k: _block_start(placement[k], spec[k].shape, axis, np.shape(v)[axis]) for k, v in local.items()}
-    out = {}
     for key, value in local.items():
-        value = np.asarray(value)
-        pixels = POOLING.get(key)
-        if pixels in local:  # global index = local index + the patches of the crops / frames before this block
-            offset = starts[pixels] * np.shape(local[pixels])[axis + 1]
-            value = shift_pooling(value, offset)
-        out[key] = jax.make_array_from_process_local_data(placement[key], value, spec[key].shape)
-    return out
+        _block_start(placement[key], spec[key].shape, axis, np.shape(value)[axis])  # refuses a split of this block
+    return {k: jax.make_array_from_process_local_data(placement[k], np.asarray(v), spec[k].shape)
+            for k, v in local.items()}
 
 
 def _resized(shape: tuple[int, ...], axis: int, size: int) -> tuple[int, ...]:

@@ -5,8 +5,8 @@ layers unrolled on per-layer params, derived once per model from the stacked (tr
 
 Prompts are left padded (positions follow `cumsum(attention_mask) - 1`, as in the reference) and padded to
 shape buckets: the prompt length to a multiple of `PROMPT_BUCKET`, the cache to a multiple of `CACHE_BUCKET`,
-crops / frames to the next 2^k or 3 * 2^k (at most a third of the ViT work is padding) and pooled-token rows
-to a multiple of `POOL_BUCKET`. A program is compiled once per bucket and reused for every prompt and
+each row's crops / frames to the next 2^k or 3 * 2^k (at most a third of the ViT work is padding) and its
+pooled-token rows to a multiple of `POOL_BUCKET`. A program is compiled once per bucket and reused for every prompt and
 `max_new_tokens` that fits it. Sampling options (temperature, top-k, top-p, seed) are runtime values; only
 greedy vs sampling changes the program.
 """
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molmo2_jax.batch import INPUT_KEYS, InputError, fill_value
+from molmo2_jax.batch import INPUT_KEYS, InputError, fill_value, to_rows
 from molmo2_jax.model import kv_cache
 from molmo2_jax.model.molmo2 import decode_params, decode_step, lm_logits
 
@@ -78,12 +78,13 @@ def _crop_bucket(n: int) -> int:
 
 
 def _pad_rows(array: np.ndarray, rows: int, fill) -> np.ndarray:
-    pad = [(0, rows - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
+    pad = [(0, 0), (0, rows - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
     return np.pad(array, pad, constant_values=fill)
 
 
 def left_pad(inputs: Mapping[str, Any], multimodal_ids: Sequence[int], max_positions: int):
-    """Token arrays moved to the right end of a bucketed width, visual arrays padded to bucket sizes.
+    """Token arrays moved to the right end of a bucketed width, per-row visual arrays (`batch.to_rows`) padded to
+    bucket sizes.
 
     Returns (padded copy of `inputs`, real prompt lengths). `mm_token_type_ids` is derived from the token ids
     when absent. Keys other than the model inputs pass through unchanged (the model's `prepare` checks them).
@@ -114,9 +115,9 @@ def left_pad(inputs: Mapping[str, Any], multimodal_ids: Sequence[int], max_posit
         for row, n in enumerate(lengths):
             out[key][row, width - n:] = values[row][mask[row]]
     for key in VISUAL_KEYS:
-        if inputs.get(key) is not None and np.shape(inputs[key])[0]:
+        if inputs.get(key) is not None and np.shape(inputs[key])[1]:
             array = np.asarray(inputs[key])
-            rows = array.shape[0]
+            rows = array.shape[1]
             rows = _round_up(rows, POOL_BUCKET) if key.endswith("pooling") else _crop_bucket(rows)
             out[key] = _pad_rows(array, rows, fill_value(key))
     return out, lengths.tolist()
@@ -242,7 +243,9 @@ def generate(model: Molmo2Model, inputs: Mapping[str, Any], *, max_new_tokens: i
                          f"top_p={top_p} (in (0, 1])")
     max_positions = config.text.max_position_embeddings
     max_length = max_positions if max_length is None else min(max_length, max_positions)
-    padded, lengths = left_pad(inputs, config.tokens.multimodal, max_positions)
+    rows = to_rows({k: v for k, v in inputs.items() if v is not None}, config.tokens.image_patch,
+                   config.vision.num_patches)
+    padded, lengths = left_pad(rows, config.tokens.multimodal, max_positions)
     budget = min(max_new_tokens, max_length - max(lengths))
     if budget < 1:
         raise InputError(f"prompt of {max(lengths)} tokens leaves no room for new tokens within max_length "

@@ -22,8 +22,8 @@ def _dummy_inputs(config: Molmo2Config) -> dict[str, jax.Array]:
     v = config.vision
     return {
         "input_ids": jnp.zeros((1, 4), jnp.int32),
-        "pixel_values": jnp.zeros((1, v.num_patches, v.patch_dim), jnp.float32),
-        "image_token_pooling": jnp.zeros((1, 4), jnp.int32),
+        "pixel_values": jnp.zeros((1, 1, v.num_patches, v.patch_dim), jnp.float32),
+        "image_token_pooling": jnp.zeros((1, 1, 4), jnp.int32),
     }
 
 

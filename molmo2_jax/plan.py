@@ -48,7 +48,7 @@ class Workload:
 
 
 def abstract_batch(config: Molmo2Config, work: Workload) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of a padded training batch (the data/training contract)."""
+    """ShapeDtypeStructs of a padded training batch (the batch contract: visual arrays per row)."""
     v = config.vision
     b, t = work.batch, work.seq
     i32 = jnp.int32
@@ -57,8 +57,8 @@ def abstract_batch(config: Molmo2Config, work: Workload) -> dict[str, jax.ShapeD
         "mm_token_type_ids": jax.ShapeDtypeStruct((b, t), i32),
         "position_ids": jax.ShapeDtypeStruct((b, t), i32),
         "segment_ids": jax.ShapeDtypeStruct((b, t), i32),
-        "pixel_values": jax.ShapeDtypeStruct((b * work.crops, v.num_patches, v.patch_dim), jnp.dtype(config.dtype)),
-        "image_token_pooling": jax.ShapeDtypeStruct((b * work.tokens, work.pool), i32),
+        "pixel_values": jax.ShapeDtypeStruct((b, work.crops, v.num_patches, v.patch_dim), jnp.dtype(config.dtype)),
+        "image_token_pooling": jax.ShapeDtypeStruct((b, work.tokens, work.pool), i32),
         "target_ids": jax.ShapeDtypeStruct((b, t), i32),
         "loss_weights": jax.ShapeDtypeStruct((b, t), jnp.float32),
     }

@@ -60,7 +60,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_vocab", "tensor"),
     ("act_crops", CROP_AXES),
     ("act_patches", None),
-    ("act_tokens", CROP_AXES),
+    ("act_visual", None),  # a row's pooled visual tokens (the row is on the batch axes)
     # KV cache [layers, batch, length, kv_heads, head_dim]
     ("cache_batch", BATCH_AXES),
     ("cache_length", "sequence"),
@@ -213,7 +213,7 @@ def check_sequence(mesh: Mesh, length: int, what: str = "sequence length") -> No
 
 
 def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
-    """Input shardings: the leading axis (examples, crops, pooled tokens) over `data` x `fsdp` where it
-    divides; every other axis replicated."""
+    """Input shardings: the leading axis (examples; visual arrays are per example) over `data` x `fsdp` where
+    it divides; every other axis replicated."""
     return {k: NamedSharding(mesh, fitting_spec(mesh, ("act_batch",) + (None,) * (np.ndim(v) - 1), np.shape(v)))
             for k, v in batch.items()}

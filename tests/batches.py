@@ -6,7 +6,6 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from molmo2_jax.batch import shift_pooling
 from molmo2_jax.config import Molmo2Config, load_preset
 
 TINY = load_preset("tiny")
@@ -38,14 +37,8 @@ def example(seed: int, with_image: bool, config: Molmo2Config = TINY) -> dict[st
 
 
 def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Examples -> one batch: tokens stacked, crops concatenated, pooling indices shifted into the concatenation."""
-    out = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k not in ("pixel_values",
-                                                                                   "image_token_pooling")}
-    out["pixel_values"] = np.concatenate([e["pixel_values"] for e in examples])
-    patches = [0, *np.cumsum([e["pixel_values"].shape[0] * e["pixel_values"].shape[1] for e in examples])]
-    out["image_token_pooling"] = np.concatenate([shift_pooling(e["image_token_pooling"], int(offset))
-                                                 for e, offset in zip(examples, patches)])
-    return out
+    """Examples -> one batch, one example per row (visual arrays per row, as the batch contract has them)."""
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def synthetic_batches(batch_size: int, seed: int = 0) -> grain.DatasetIterator:
@@ -65,12 +58,12 @@ def training_batch(config: Molmo2Config, batch: int = 8, seq: int = 24, seed: in
     mask = np.ones((batch, seq), np.int32)
     mask[1, -5:] = 0
     ids[1, -5:] = k.pad
-    pooling = np.stack([rng.choice(v.num_patches, 4, replace=False) + b * v.num_patches
-                        for b in range(batch) for _ in range(4)]).astype(np.int32)
-    pooling[3, 2:] = -1
+    pooling = np.stack([rng.choice(v.num_patches, 4, replace=False) for _ in range(batch * 4)]).astype(np.int32)
+    pooling = pooling.reshape(batch, 4, 4)  # each row's own crop
+    pooling[0, 3, 2:] = -1
     weights = (mask * (np.arange(seq) > 6) * (np.arange(seq) < seq - 1)).astype(np.float32)
     return {"input_ids": ids.astype(np.int32), "attention_mask": mask, "segment_ids": mask,
             "mm_token_type_ids": np.isin(ids, k.multimodal).astype(np.int32),
-            "pixel_values": rng.standard_normal((batch, v.num_patches, v.patch_dim)).astype(np.float32),
+            "pixel_values": rng.standard_normal((batch, 1, v.num_patches, v.patch_dim)).astype(np.float32),
             "image_token_pooling": pooling, "loss_weights": weights,
             "target_ids": np.roll(ids, -1, axis=1).clip(0, config.text.vocab_size - 1).astype(np.int32)}

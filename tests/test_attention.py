@@ -210,7 +210,7 @@ def model_batch(config) -> dict[str, np.ndarray]:
         [_example(rng, tok, [("text", 4), ("image", 7), ("text", 12)]),
          _example(rng, tok, [("text", 2), ("image", 9), ("text", 20)])],
     ]
-    bucket = Bucket(seq_len=64, max_crops=5, max_image_tokens=34, max_frames=4, max_video_tokens=18)
+    bucket = Bucket(seq_len=64, max_crops=3, max_image_tokens=17, max_frames=4, max_video_tokens=18)  # per row
     return assemble(rows, bucket, patches_per_crop=729, patch_dim=588, pad_token_id=tok.pad)
 
 

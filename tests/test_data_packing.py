@@ -66,7 +66,7 @@ def test_packed_batch_matches_each_example_alone(reference, packed):
 
 def test_targets_positions_and_segments_stay_in_each_example(packed):
     inputs, examples, rows, batch = packed
-    assert batch["input_ids"].shape == (2, 768) and batch["pixel_values"].shape == (6, 729, 588)
+    assert batch["input_ids"].shape == (2, 768) and batch["pixel_values"].shape == (2, 6, 729, 588)
     for r, row in enumerate(rows):
         for seg, ex in enumerate(row, start=1):
             _, sl = _slots(rows, ex["name"])
@@ -76,18 +76,22 @@ def test_targets_positions_and_segments_stay_in_each_example(packed):
             np.testing.assert_array_equal(batch["target_ids"][r, sl][:-1], ex["input_ids"][1:])
             assert batch["loss_weights"][r, sl][-1] == 0 and np.all(batch["loss_weights"][r, sl][:-1] == 1)
     assert np.all(batch["loss_weights"][batch["segment_ids"] == 0] == 0)
-    # pooling rows index the concatenated crops, in the order of the <im_patch> tokens
-    first_crop = batch["pixel_values"][2]  # example 1's global crop follows example 0's two crops
-    np.testing.assert_array_equal(first_crop, inputs[1]["pixel_values"][0])
-    n0 = len(inputs[0]["image_token_pooling"])
-    np.testing.assert_array_equal(batch["image_token_pooling"][n0 : n0 + 3], inputs[1]["image_token_pooling"][:3]
-                                  + 2 * 729)
+    # each row holds its own examples' crops and frames; pooling rows index the row's crops, in the order of its
+    # <im_patch> tokens (example 1, alone in row 1, keeps its own indices)
+    n0, n1 = len(inputs[0]["image_token_pooling"]), len(inputs[1]["image_token_pooling"])
+    np.testing.assert_array_equal(batch["pixel_values"][0, :2], inputs[0]["pixel_values"])
+    np.testing.assert_array_equal(batch["pixel_values"][1, :2], inputs[1]["pixel_values"])
+    np.testing.assert_array_equal(batch["image_token_pooling"][0, :n0], inputs[0]["image_token_pooling"])
+    np.testing.assert_array_equal(batch["image_token_pooling"][1, :n1], inputs[1]["image_token_pooling"])
+    np.testing.assert_array_equal(batch["video_token_pooling"][0, :len(inputs[2]["video_token_pooling"])],
+                                  inputs[2]["video_token_pooling"])
+    assert (batch["image_token_pooling"][:, max(n0, n1):] == -1).all() and (batch["video_token_pooling"][1] == -1).all()
     masks = vision_masks(batch)
-    assert masks["crop_mask"].tolist() == [True] * 4 + [False] * 2
-    assert masks["frame_mask"].tolist() == [True] * 3 + [False]
+    assert masks["crop_mask"].tolist() == [[True] * 2 + [False] * 4] * 2
+    assert masks["frame_mask"].tolist() == [[True] * 3 + [False], [False] * 4]
     assert set(batch) == set(MODEL_KEYS) | {"target_ids", "loss_weights"}
     stats = fill_stats(batch)
-    assert stats["crop_share"] == 4 / 6 and stats["frame_share"] == 3 / 4 and stats["examples"] == 4
+    assert stats["crop_share"] == 4 / 12 and stats["frame_share"] == 3 / 8 and stats["examples"] == 4
     assert stats["token_share"] == pytest.approx(sum(len(e["input_ids"]) for e in examples) / (2 * 768))
 
 
@@ -99,3 +103,17 @@ def test_small_batch_takes_the_smallest_bucket_and_oversize_is_named():
     long = dict(ex, name="long.jsonl:3", input_ids=np.ones(800, np.int32))
     with pytest.raises(DataError, match=r"long.jsonl:3: needs seq_len=800 but the largest bucket allows 768"):
         check_fits(long, BUCKETS[1])
+
+
+def test_vision_budgets_are_per_row():
+    """An example whose crops do not fit the first row's budget goes to the next row, though its tokens would fit."""
+    def image_example(name, crops):
+        ids = np.ones(10, np.int32)
+        return {"name": name, "input_ids": ids, "mm_token_type_ids": np.zeros(10, np.int32),
+                "token_weights": np.ones(10, np.float32), "pixel_values": np.zeros((crops, 4, 3), np.float32),
+                "image_token_pooling": np.zeros((0, 4), np.int32)}
+    capacity = Bucket(seq_len=64, max_crops=4, max_image_tokens=8, max_frames=0, max_video_tokens=0)
+    builder = BatchBuilder(batch_size=2, capacity=capacity)
+    assert builder.add(image_example("a", 3)) and builder.add(image_example("b", 3))
+    assert builder.add(image_example("c", 1)) and not builder.add(image_example("d", 2))
+    assert [[ex["name"] for ex in row] for row in builder.rows] == [["a", "c"], ["b"]]

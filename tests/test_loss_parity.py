@@ -22,6 +22,7 @@ import torch
 from ref_model import image_inputs, padded_batch, random_image, video_inputs
 
 import molmo2_jax
+from molmo2_jax.batch import to_rows
 from molmo2_jax.checkpoint.hf import import_arrays
 from molmo2_jax.params import flatten, param_shapes
 from molmo2_jax.training.config import OptimizerConfig, TrainConfig
@@ -94,7 +95,8 @@ def reference_loss_and_grads(ref, inputs: dict[str, np.ndarray], labels: np.ndar
 
 def our_loss_and_grads(model, train_step, inputs: dict[str, np.ndarray], labels: np.ndarray):
     target_ids, loss_weights = targets_from_labels(labels)
-    batch = {k: np.asarray(v)[None] for k, v in inputs.items() if k in MODEL_KEYS}  # one micro-batch
+    rows = to_rows({k: np.asarray(v) for k, v in inputs.items() if k in MODEL_KEYS}, model.config.tokens.image_patch)
+    batch = {k: v[None] for k, v in rows.items()}  # one micro-batch of the batch contract (visual arrays per row)
     batch.update(target_ids=target_ids[None], loss_weights=loss_weights[None])
     batch = train_step.place_batch(batch)
     with train_step.context():

@@ -10,6 +10,7 @@ from ref_model import IM_PATCH, collated, image_inputs, random_image, reference_
 
 import molmo2_jax
 from molmo2_jax.api import InputError
+from molmo2_jax.batch import to_rows
 
 ATOL = 1e-4
 
@@ -58,10 +59,10 @@ def test_vit_and_pooled_features_match_reference(loaded):
         expected_pooled = torch.cat(expected_pooled).numpy()
     got_vit = model.apply(jnp.asarray(inputs["pixel_values"]), method="vit_features")
     assert _max_diff(got_vit, expected_vit) <= ATOL
-    (tokens, keep), _ = model.apply(jnp.asarray(inputs["pixel_values"]), jnp.asarray(inputs["image_token_pooling"]),
-                                    method="visual_tokens")
+    (tokens, keep), _ = model.apply(jnp.asarray(inputs["pixel_values"])[None],  # one row
+                                    jnp.asarray(inputs["image_token_pooling"])[None], method="visual_tokens")
     assert bool(np.all(keep))
-    assert _max_diff(tokens, expected_pooled) <= ATOL
+    assert _max_diff(tokens[0], expected_pooled) <= ATOL
 
 
 def test_padding_to_static_buckets_changes_nothing(loaded):
@@ -70,10 +71,10 @@ def test_padding_to_static_buckets_changes_nothing(loaded):
     inputs = image_inputs([random_image(400, 300)])
     base = np.asarray(model(inputs))
     t = inputs["input_ids"].shape[1]
-    padded = dict(inputs)
-    padded["pixel_values"] = np.concatenate([inputs["pixel_values"], np.zeros((3, 729, 588), np.float32)])
-    padded["image_token_pooling"] = np.concatenate([inputs["image_token_pooling"],
-                                                    -np.ones((7, 4), inputs["image_token_pooling"].dtype)])
+    padded = to_rows(inputs, IM_PATCH)
+    padded["pixel_values"] = np.concatenate([padded["pixel_values"], np.zeros((1, 3, 729, 588), np.float32)], 1)
+    padded["image_token_pooling"] = np.concatenate([padded["image_token_pooling"],
+                                                    -np.ones((1, 7, 4), inputs["image_token_pooling"].dtype)], 1)
     for key, fill in (("input_ids", 0), ("attention_mask", 0), ("mm_token_type_ids", 0)):
         padded[key] = np.concatenate([inputs[key], np.full((1, 9), fill, inputs[key].dtype)], axis=1)
     out = np.asarray(model(padded))

@@ -78,21 +78,14 @@ def _host_micro_batch(config, index: int, host: int) -> dict[str, np.ndarray]:
     batch = _examples(config, index, host)
     if host == 1 and index == 2:
         grow = {"pixel_values": 1, "image_token_pooling": 3}
-        batch = {k: pad_to(k, v, (len(v) + grow.get(k, 0), *v.shape[1:])) for k, v in batch.items()}
+        batch = {k: pad_to(k, v, (len(v), v.shape[1] + grow.get(k, 0), *v.shape[2:])) for k, v in batch.items()}
     return batch
 
 
 def _merged_micro_batch(config, index: int) -> dict[str, np.ndarray]:
-    """Micro-batch `index` as one process sees it: both hosts' examples, pooling indices into all crops."""
-    from molmo2_jax.batch import shift_pooling
-
+    """Micro-batch `index` as one process sees it: both hosts' examples (pooling indices are per row)."""
     parts = [_examples(config, index, host) for host in (0, 1)]
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    shift = len(parts[0]["pixel_values"]) * config.vision.num_patches
-    pooling = parts[1]["image_token_pooling"]
-    merged["image_token_pooling"] = np.concatenate([parts[0]["image_token_pooling"],
-                                                    shift_pooling(pooling, shift)])
-    return merged
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _worker(process_id: int, port: int, out_dir: str, mode: str) -> None:
@@ -157,14 +150,14 @@ def _worker(process_id: int, port: int, out_dir: str, mode: str) -> None:
                                                                _host_micro_batch(config, 6, process_id)["input_ids"]))
     params = {p: multihost_utils.process_allgather(x, tiled=True) for p, x in flatten(restored["params"]).items()}
 
-    # hosts whose pipelines disagree, a mesh whose batch axes do not span the hosts and a rank-5 array fail on
+    # hosts whose pipelines disagree, a mesh whose batch axes do not span the hosts and a rank-6 array fail on
     # every host
     mine = _host_micro_batch(config, 0, process_id)
     if process_id == 1:
         mine["extra"] = mine["input_ids"]
     result["errors"] = []
     for bad_mesh, local in ((mesh, mine), (make_mesh({"tensor": 8}), mine),
-                            (mesh, {"input_ids": np.zeros((1,) * 5, np.int32)})):
+                            (mesh, {"input_ids": np.zeros((1,) * 6, np.int32)})):
         try:
             distributed.agree(bad_mesh, sorted({*mine, "extra"}), local)
         except ValueError as e:
@@ -221,7 +214,7 @@ def test_two_processes_match_single_process(tmp_path, mode):
         assert len(errors) == 3, errors
         assert "the processes' batches differ in their keys or ranks (['extra'])" in errors[0]
         assert "the batch axes (data x fsdp = 1) do not split over 2 processes" in errors[1]
-        assert "batch['input_ids'] has rank 5; at most 4 is supported" in errors[2]
+        assert "batch['input_ids'] has rank 6; at most 5 is supported" in errors[2]
 
     # the same training in this (single-device) process on the merged batches
     config = load_preset("tiny", OVERRIDES)

@@ -1,17 +1,18 @@
 """Pack several examples per sequence into static-shape training batches.
 
 Examples (from `conversation.tokenize_conversation`) are placed first-fit, looking ahead over a small
-window of upcoming examples, into the rows of a batch whose sequence length and vision budgets (crops,
+window of upcoming examples, into the rows of a batch whose sequence length and per-row vision budgets (crops,
 pooled image tokens, frames, pooled video tokens) come from the largest bucket; the batch is then
 padded to the smallest bucket that holds it. Each example keeps its own segment id (1.. per row, 0 on
 padding) and positions restarting at 0, so attention, the bidirectional image block and positions stay
-inside it. The crops and frames of all examples form one vision batch; pooling indices are global over it.
+inside it. The crops and frames of a row's examples are that row's; its pooling indices count them (the batch
+contract of `molmo2_jax.batch`).
 
 Batch keys: `input_ids`, `mm_token_type_ids`, `video_patch_mask`, `segment_ids`, `position_ids`,
-`attention_mask`, `target_ids`, `loss_weights` `[B, T]`; `pixel_values` `[crops, P, D]`, `image_token_pooling`
-`[image_tokens, 4]`, `pixel_values_videos` `[frames, P, D]`, `video_token_pooling` `[video_tokens, 9]`
-(the training batch contract). Padding crops / frames are zeros that no pooling row reads, padding pooling
-rows are -1; `vision_masks` gives the per-crop / per-frame validity masks.
+`attention_mask`, `target_ids`, `loss_weights` `[B, T]`; `pixel_values` `[B, crops, P, D]`, `image_token_pooling`
+`[B, image_tokens, 4]`, `pixel_values_videos` `[B, frames, P, D]`, `video_token_pooling` `[B, video_tokens, 9]`
+(the training batch contract; a bucket's vision limits are per row). Padding crops / frames are zeros that no
+pooling row reads, padding pooling rows are -1; `vision_masks` gives the per-crop / per-frame validity masks.
 """
 
 from __future__ import annotations
@@ -62,29 +63,25 @@ class BatchBuilder:
     def __init__(self, batch_size: int, capacity: Bucket):
         self.capacity = capacity
         self.rows: list[list[Mapping[str, Any]]] = [[] for _ in range(batch_size)]
-        self.row_len = [0] * batch_size
-        self.used = {k: 0 for k in Bucket.__dataclass_fields__ if k != "seq_len"}
+        self.used = [dict.fromkeys(Bucket.__dataclass_fields__, 0) for _ in range(batch_size)]  # per row
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.rows)
 
     def add(self, example: Mapping[str, Any]) -> bool:
-        """Place `example` in the first row with room (if the vision budgets allow); False if it does not fit."""
+        """Place `example` in the first row with room for its tokens and vision; False if none has."""
         needs = example_needs(example)
-        if any(self.used[k] + needs[k] > getattr(self.capacity, k) for k in self.used):
-            return False
-        for r, length in enumerate(self.row_len):
-            if length + needs["seq_len"] <= self.capacity.seq_len:
-                self.rows[r].append(example)
-                self.row_len[r] += needs["seq_len"]
-                for k in self.used:
-                    self.used[k] += needs[k]
+        for row, used in zip(self.rows, self.used):
+            if all(used[k] + needs[k] <= getattr(self.capacity, k) for k in used):
+                row.append(example)
+                for k in used:
+                    used[k] += needs[k]
                 return True
         return False
 
     def smallest_bucket(self, buckets: Sequence[Bucket]) -> Bucket:
-        fitting = [b for b in buckets if b.seq_len >= max(self.row_len)
-                   and all(getattr(b, k) >= v for k, v in self.used.items())]
+        need = {k: max(used[k] for used in self.used) for k in Bucket.__dataclass_fields__}
+        fitting = [b for b in buckets if all(getattr(b, k) >= v for k, v in need.items())]
         return min(fitting, key=lambda b: (b.seq_len, b.max_crops + b.max_frames,
                                            b.max_image_tokens + b.max_video_tokens)) if fitting else self.capacity
 
@@ -97,11 +94,12 @@ def assemble(rows: Sequence[Sequence[Mapping[str, Any]]], bucket: Bucket, *, pat
                                                    "position_ids", "target_ids")}
     out["input_ids"] = np.full((b, t), pad_token_id, np.int32)
     out["loss_weights"] = np.zeros((b, t), np.float32)
-    vision: dict[str, list] = {"pixel_values": [], "image_token_pooling": [], "pixel_values_videos": [],
-                               "video_token_pooling": []}
-    counts = {"pixel_values": 0, "pixel_values_videos": 0}
+    for pixels_key, pooling_key, crops_limit, tokens_limit, width in _VISION:
+        out[pixels_key] = np.zeros((b, getattr(bucket, crops_limit), patches_per_crop, patch_dim), pixel_dtype)
+        out[pooling_key] = np.full((b, getattr(bucket, tokens_limit), width), fill_value(pooling_key), np.int32)
     for r, row in enumerate(rows):
         offset = 0
+        filled = dict.fromkeys((key for stream in _VISION for key in stream[:2]), 0)  # this row's crops, tokens
         for seg, ex in enumerate(row, start=1):
             n = len(ex["input_ids"])
             sl = slice(offset, offset + n)
@@ -118,32 +116,24 @@ def assemble(rows: Sequence[Sequence[Mapping[str, Any]]], bucket: Bucket, *, pat
             for pixels_key, pooling_key, *_ in _VISION:
                 if pixels_key not in ex:
                     continue
-                pooling = np.asarray(ex[pooling_key])
-                shift = counts[pixels_key] * patches_per_crop
-                vision[pooling_key].append(shift_pooling(pooling, shift))
-                vision[pixels_key].append(np.asarray(ex[pixels_key]))
-                counts[pixels_key] += len(ex[pixels_key])
+                pixels, pooling = np.asarray(ex[pixels_key]), np.asarray(ex[pooling_key])
+                crop, tok = filled[pixels_key], filled[pooling_key]
+                out[pixels_key][r, crop : crop + len(pixels)] = pixels
+                out[pooling_key][r, tok : tok + len(pooling)] = shift_pooling(pooling, crop * patches_per_crop)
+                filled[pixels_key], filled[pooling_key] = crop + len(pixels), tok + len(pooling)
     out["attention_mask"] = (out["segment_ids"] > 0).astype(np.int32)
-    for pixels_key, pooling_key, crops_limit, tokens_limit, width in _VISION:
-        n_crops, n_tokens = getattr(bucket, crops_limit), getattr(bucket, tokens_limit)
-        pixels = np.zeros((n_crops, patches_per_crop, patch_dim), pixel_dtype)
-        pooling = np.full((n_tokens, width), fill_value(pooling_key), np.int32)
-        if vision[pixels_key]:
-            real = np.concatenate(vision[pixels_key])
-            pixels[: len(real)] = real
-            pool = np.concatenate(vision[pooling_key])
-            pooling[: len(pool)] = pool
-        out[pixels_key], out[pooling_key] = pixels, pooling
     return out
 
 
 def vision_masks(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`crop_mask` `[crops]` / `frame_mask` `[frames]`: True on the crops / frames some pooling row reads."""
+    """`crop_mask` `[B, crops]` / `frame_mask` `[B, frames]`: True on the crops / frames some pooling row of
+    their row reads."""
     out = {}
     for (pixels_key, pooling_key, *_), name in zip(_VISION, ("crop_mask", "frame_mask")):
         pixels, pooling = batch[pixels_key], np.asarray(batch[pooling_key])
-        mask = np.zeros(len(pixels), bool)
-        mask[pooling[pooling >= 0] // pixels.shape[1]] = True
+        mask = np.zeros(pixels.shape[:2], bool)
+        rows, _, _ = np.nonzero(pooling >= 0)
+        mask[rows, pooling[pooling >= 0] // pixels.shape[2]] = True
         out[name] = mask
     return out
 

@@ -49,7 +49,8 @@ class PipelineConfig:
     processor_dir: str  # tokenizer + processor configs (e.g. the synthetic set's tokenizer/)
     sources: tuple[Source, ...]
     batch_size: int = 8  # packed rows per batch (per host)
-    buckets: tuple[Bucket, ...] = (Bucket(seq_len=1024, max_crops=8, max_image_tokens=1600, max_frames=12,
+    # static batch shapes; the vision limits are per row (packed sequence)
+    buckets: tuple[Bucket, ...] = (Bucket(seq_len=1024, max_crops=8, max_image_tokens=1024, max_frames=12,
                                           max_video_tokens=972),)
     seed: int = 0
     shuffle: bool = True

@@ -1,5 +1,6 @@
 """The connector: attention pooling over windows of ViT patch features, then a SwiGLU projector into the LLM
-width. Each output token's query is the masked mean of its window; `-1` slots are masked keys."""
+width. Each output token's query is the masked mean of its window; `-1` slots are masked keys. Windows index the
+patches of their own batch row."""
 
 from __future__ import annotations
 
@@ -17,16 +18,19 @@ class Connector(nn.Module):
 
     @nn.compact
     def __call__(self, features: jax.Array, pooling_idx: jax.Array) -> jax.Array:
-        """features `[N, P, F*D]`, pooling_idx `[tokens, K]` (global patch indices, -1 = empty slot).
+        """features `[B, patches, F*D]` (each row's own), pooling_idx `[B, tokens, K]` (indices into the row's
+        patches, -1 = empty slot).
 
-        Returns `[tokens, text_hidden]`; rows whose slots are all -1 give zeros.
+        Returns `[B, tokens, text_hidden]`; rows whose slots are all -1 give zeros.
         """
         a, dtype, pdtype = self.config.adapter, self.config.dtype, self.config.param_dtype
-        flat = features.reshape(-1, features.shape[-1])
-        valid = pooling_idx >= 0  # [tokens, K]
-        window = jnp.where(valid[..., None], flat[jnp.maximum(pooling_idx, 0)], 0).astype(dtype)
+        b, t, slots = pooling_idx.shape
+        # each row gathers from its own patches (batched gather: stays on the device holding the row)
+        window = jax.vmap(lambda f, i: f[i])(features, jnp.maximum(pooling_idx, 0))  # [B, tokens, K, F*D]
+        valid = (pooling_idx >= 0).reshape(b * t, slots)
+        window = jnp.where(valid[..., None], window.reshape(b * t, slots, -1), 0).astype(dtype)
         count = jnp.maximum(valid.sum(-1, keepdims=True), 1).astype(dtype)
-        query = window.sum(1, keepdims=True) / count[..., None]  # [tokens, 1, F*D]
+        query = window.sum(1, keepdims=True) / count[..., None]  # [B * tokens, 1, F*D]
 
         axes = ("vit_features", "vit_heads", "head_dim")
         q = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="q")(query)
@@ -45,4 +49,4 @@ class Connector(nn.Module):
                    name="up")(pooled)
         out = dense(a.text_hidden_size, ("mlp", "embed"), use_bias=False, dtype=dtype, param_dtype=pdtype,
                     name="down")(jax.nn.silu(gate) * up)
-        return nn.with_logical_constraint(out, ("act_tokens", "act_embed"))
+        return nn.with_logical_constraint(out.reshape(b, t, -1), ("act_batch", "act_visual", "act_embed"))

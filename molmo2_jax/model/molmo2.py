@@ -1,10 +1,10 @@
 """The whole Molmo2 model: ViT -> connector -> pooled visual tokens ADDED to the embeddings of the `<im_patch>`
 tokens -> decoder with a causal mask OR-ed with a bidirectional block over the image/frame special tokens.
 
-Inputs use the names of the transformers `Molmo2Processor` outputs. Shapes are static: crops, frames and
-pooled tokens may be padded (zero pixels, `-1` pooling rows) and sequences padded (attention_mask 0), so one
-compiled function serves a bucket of inputs. Images and videos may share a batch: `batch.patch_streams` says which
-`<im_patch>` tokens take image and which take video feature rows.
+Inputs follow the batch contract (`molmo2_jax.batch`): the transformers `Molmo2Processor` names, visual arrays
+per row. Shapes are static: crops, frames and pooled tokens may be padded (zero pixels, `-1` pooling rows) and
+sequences padded (attention_mask 0), so one compiled function serves a bucket of inputs. Images and videos may
+share a batch: `batch.patch_streams` says which `<im_patch>` tokens take image and which take video feature rows.
 """
 
 from __future__ import annotations
@@ -45,19 +45,24 @@ class Molmo2(nn.Module):
 
     def visual_tokens(self, pixel_values: jax.Array | None, image_token_pooling: jax.Array | None,
                       pixel_values_videos: jax.Array | None = None, video_token_pooling: jax.Array | None = None):
-        """Pooled, projected visual tokens for the image stream and the video stream (None where absent).
+        """Pooled, projected visual tokens of each row for the image stream and the video stream (None where
+        absent), from per-row inputs (`batch`: pixels `[B, crops, 729, 588]`, pooling `[B, tokens, K]`).
 
-        One ViT pass over the crops and the frames together; video pooling indices are shifted past the crops.
-        Each stream is `(tokens [rows, D], keep [rows])`; rows whose pooling slots are all -1 are not kept.
+        One ViT pass over every row's crops and frames together; video pooling indices are shifted past the row's
+        crops. Each stream is `(tokens [B, rows, D], keep [B, rows])`; rows whose pooling slots are all -1 are not
+        kept.
         """
-        crops = [p for p in (pixel_values, pixel_values_videos) if p is not None and p.shape[0]]
+        crops = [p for p in (pixel_values, pixel_values_videos) if p is not None and p.shape[1]]
         if not crops:
             return None, None
-        features = self.vision(jnp.concatenate(crops, axis=0) if len(crops) > 1 else crops[0])
-        shift = 0 if pixel_values is None else pixel_values.shape[0] * pixel_values.shape[1]
+        pixels = jnp.concatenate(crops, axis=1) if len(crops) > 1 else crops[0]
+        b, n = pixels.shape[:2]
+        features = self.vision(pixels.reshape(b * n, *pixels.shape[2:]))  # [B * crops, 729, F * D_vit]
+        features = features.reshape(b, n * features.shape[1], features.shape[2])  # each row's patches
+        shift = 0 if pixel_values is None else pixel_values.shape[1] * pixel_values.shape[2]
         streams = []
         for pooling, offset in ((image_token_pooling, 0), (video_token_pooling, shift)):
-            if pooling is None or not pooling.shape[0]:
+            if pooling is None or not pooling.shape[1]:
                 streams.append(None)
                 continue
             pooling = shift_pooling(pooling, offset)
@@ -68,8 +73,8 @@ class Molmo2(nn.Module):
 
     def embed(self, input_ids: jax.Array, image_stream=None, video_stream=None,
               video_patch_mask: jax.Array | None = None) -> jax.Array:
-        """Token embeddings with each visual token added at its `<im_patch>` position (in order of appearance,
-        row-major over batch then sequence, per stream)."""
+        """Token embeddings with each row's visual tokens added at its `<im_patch>` positions (per stream, in order
+        of appearance); every gather stays inside its row."""
         ids = jnp.maximum(input_ids, 0)
         x = jnp.take(self.embedding, ids, axis=0).astype(self.config.dtype)
         if image_stream is None and video_stream is None:
@@ -80,9 +85,10 @@ class Molmo2(nn.Module):
             if stream is None:
                 continue
             tokens, keep = stream
-            tokens = tokens[jnp.argsort(~keep, stable=True)]  # kept rows first, in their order
-            rank = jnp.cumsum(selected.reshape(-1)).reshape(selected.shape) - 1
-            gathered = tokens[jnp.clip(rank, 0, tokens.shape[0] - 1)]
+            order = jnp.argsort(~keep, axis=1, stable=True)  # kept rows first, in their order
+            tokens = jnp.take_along_axis(tokens, order[..., None], axis=1)
+            rank = jnp.cumsum(selected, axis=1) - 1  # [B, T]: which of its row's tokens an <im_patch> takes
+            gathered = jnp.take_along_axis(tokens, jnp.clip(rank, 0, tokens.shape[1] - 1)[..., None], axis=1)
             x = x + jnp.where(selected[..., None], gathered, 0).astype(x.dtype)
         return x
 

@@ -21,7 +21,9 @@ PATCH_DIM = 588  # 14 * 14 * 3
 
 @dataclass(frozen=True)
 class Bucket:
-    """Static shapes of one compiled batch."""
+    """Static shapes of one compiled batch. The vision limits are totals over the batch for `collate` (the
+    transformers layout, converted into rows at the model's edge) and per row for the packer
+    (`molmo2_jax.data.packing`, the batch contract's per-row layout)."""
 
     seq_len: int
     max_crops: int

@@ -108,9 +108,9 @@ def _batch_counts(batch: dict[str, np.ndarray]) -> tuple[int, int, int, int]:
         if pooling in batch:
             idx = batch[pooling]
             visual += int(np.any(idx >= 0, axis=-1).sum())
-            # crops in use = those some pooling slot points into (cheaper than scanning the pixels)
+            # crops in use = those some pooling slot of their row points into (cheaper than scanning the pixels)
             per_crop = batch[pixels].shape[-2]
-            crops += sum(len(np.unique(mb[mb >= 0] // per_crop)) for mb in idx)
+            crops += sum(len(np.unique(row[row >= 0] // per_crop)) for row in idx.reshape(-1, *idx.shape[-2:]))
     return tokens, crops, visual, int(batch["input_ids"].shape[-1])
 
 

@@ -1,10 +1,12 @@
 """The jitted train step: a pure function of plain pytrees `(state, batch) -> (state, metrics)` on a mesh.
 
 State is `{"step": int32 [], "params": fp32 param tree, "opt_state": optax state}`, born in (and donated
-back to) its shardings. A batch follows the training batch contract with a leading micro-batch axis on every
-array: `input_ids [A, B, T]`, `pixel_values [A, crops, 729, 588]`, ..., `target_ids` / `loss_weights
-[A, B, T]`, where A = `grad_accum`. Gradients are summed over the A micro-batches (a `lax.scan`) and the loss
-is normalised by the total loss weight of all of them, so accumulation equals one large batch.
+back to) its shardings. A batch follows the training batch contract (`molmo2_jax.batch`: visual arrays per row)
+with a leading micro-batch axis on every array: `input_ids [A, B, T]`, `pixel_values [A, B, crops, 729, 588]`,
+`image_token_pooling [A, B, tokens, 4]`, ..., `target_ids` / `loss_weights [A, B, T]`, where A = `grad_accum`;
+every array splits over the batch axes by its rows B. Gradients are summed over the A micro-batches (a
+`lax.scan`) and the loss is normalised by the total loss weight of all of them, so accumulation equals one large
+batch.
 
 Mixed precision: params stay fp32 in the state (master weights); the forward pass runs in the model
 config's compute `dtype` (e.g. bfloat16); logits, loss and optimizer are fp32.
