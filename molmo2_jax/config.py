@@ -282,7 +282,7 @@ class Molmo2Config:
             block = getattr(self, name)
             if not isinstance(block, int) or block < 8 or block % 8:
                 raise ConfigError(f"{name} = {block!r} does not fit a tile: use a positive multiple of 8 (e.g. 512)")
-        if self.vit_chunk is not None and (not isinstance(self.vit_chunk, int) or self.vit_chunk <= 0):
+        if self.vit_chunk is not None and (type(self.vit_chunk) is not int or self.vit_chunk <= 0):
             raise ConfigError(f"vit_chunk = {self.vit_chunk!r}: give a positive number of crops per device per ViT "
                               "call, or null for one call over all crops")
         return self

@@ -53,7 +53,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("act_crops", BATCH_AXES),
+    ("act_crops", (*BATCH_AXES, "sequence")),  # the ViT has no sequence axis to split: its crops take it
     ("act_patches", None),
     ("act_tokens", BATCH_AXES),
     # KV cache [layers, batch, length, kv_heads, head_dim]
