@@ -4,10 +4,10 @@
 
 Each measurement runs in a fresh subprocess: a random tiny model (tiny preset), one video row of F frames (81
 pooled tokens per frame, each frame wrapped in <frame_start>/<frame_end>, as the processor lays out a video), one
-jitted forward to logits, then the process's peak RSS (`ru_maxrss`). The input (pixels, pooling, tokens) is made
-on the device by the jitted program's caller and counted once; the report subtracts it, and prints each peak
-against the same path's peak at the fewest frames. `--chunks 0` is one ViT call (`vit_chunk` null), the reference
-this compares with; other values are `vit_chunk` (crops per device per call).
+jitted forward to logits, then the process's peak RSS (`ru_maxrss`, compilation included). The input (pixels,
+pooling, tokens) is generated straight into device buffers, one copy, and subtracted from the peak ("net"); each
+net peak is given against the same path's at the fewest frames. `--chunks 0` is one ViT call (`vit_chunk` null),
+the reference this compares with; other values are `vit_chunk` (crops per device per call).
 """
 
 from __future__ import annotations

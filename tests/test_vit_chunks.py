@@ -1,7 +1,7 @@
 """The ViT in chunks of crops (`vit_chunk`) against one call over all crops (float32, highest precision): logits and
 the gradients of every parameter, for a Qwen3-style and an Olmo3-style tiny model, on images, a video, an image row
 and a video row padded into one batch, and a packed row; the chunk size is refused when not positive; on a mesh the
-chunk counts crops per device."""
+chunk counts crops per device; `generate --video --vit-chunk` end to end."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
-from ref_model import collated, image_inputs, random_image, video_inputs
+from ref_model import collated, image_inputs, random_image, tokenizer_checkpoint, video_inputs
 from test_loss_parity import ZERO_GRADIENTS, our_loss_and_grads, reference_labels
 
 import molmo2_jax
 from molmo2_jax.batch import shift_pooling
+from molmo2_jax.cli import main
 from molmo2_jax.config import ConfigError, Molmo2Config, load_preset
 from molmo2_jax.training.config import OptimizerConfig, TrainConfig, load_train_config, model_config
 from molmo2_jax.training.step import make_train_step
@@ -103,6 +105,34 @@ def test_chunk_size_from_a_preset_override_is_checked():
 def test_long_sft_recipes_set_the_chunk(recipe):
     config = model_config(load_train_config(recipe))
     assert config.vit_chunk and config.vit_chunk > 0
+
+
+def test_generate_on_a_video_in_chunks_gives_the_same_answer(tmp_path, capsys):
+    """`molmo2-jax generate --video` end to end, the ViT over 3 of 7 frames at a time and in one call."""
+    checkpoint, video = tmp_path / "checkpoint", tmp_path / "clip.mp4"
+    checkpoint.mkdir()
+    tokenizer_checkpoint(checkpoint)
+    rng = np.random.default_rng(0)
+    with av.open(str(video), mode="w") as container:
+        stream = container.add_stream("libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(7):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    answers = []
+    for extra in ([], ["--vit-chunk", "3"]):
+        code = main(["generate", "--checkpoint", str(checkpoint), "--video", str(video), "--prompt", "What is it?",
+                     "--max-new-tokens", "6", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        answers.append(out)
+    assert answers[0] == answers[1] and answers[0].strip()
+
+    assert main(["generate", "--checkpoint", str(checkpoint), "--video", str(video), "--prompt", "?",
+                 "--vit-chunk", "0"]) != 0
+    err = capsys.readouterr().err
+    assert err.strip() == "molmo2-jax generate: error: --vit-chunk must be >= 1 (crops per ViT call), got 0"
 
 
 def _mesh_worker() -> None:
