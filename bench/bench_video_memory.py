@@ -3,28 +3,36 @@
     python bench/bench_video_memory.py [--frames 96 384] [--chunks 0 16] [--model tiny]
 
 Each measurement runs in a fresh subprocess: a random tiny model (tiny preset), one video row of F frames (81
-pooled tokens per frame, each frame wrapped in <frame_start>/<frame_end>, as the processor lays out a video), one
-jitted forward to logits, then the process's peak RSS (`ru_maxrss`, compilation included). The input (pixels,
-pooling, tokens) is generated straight into device buffers, one copy, and subtracted from the peak ("net"); each
-net peak is given against the same path's at the fewest frames. `--chunks 0` is one ViT call (`vit_chunk` null),
-the reference this compares with; other values are `vit_chunk` (crops per device per call).
+pooled tokens per frame, each frame wrapped in <frame_start>/<frame_end>, as the processor lays out a video), the
+input generated on the device and the forward compiled; then the process's peak-RSS mark is reset
+(`/proc/self/clear_refs`; `ru_maxrss` cannot be reset, and would keep the compiler's and the input generator's
+peaks) and one jitted forward to logits runs. Reported: the peak RSS during the forward (VmHWM), the input bytes
+(pixels, pooling, tokens; one copy), net = peak - input, net against the same path's at the fewest frames, and
+the rise over the RSS just before the forward. `--chunks 0` is one ViT call (`vit_chunk` null), the reference
+this compares with; other values are `vit_chunk` (crops per device per call).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 POOL = 9  # 3x3 pooling of the 27x27 patches: 81 visual tokens per frame
 
 
-def worker(model: str, frames: int, chunk: int) -> dict:
-    import resource
+def rss(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since start or the last reset) of this process, in bytes."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
 
+
+def worker(model: str, frames: int, chunk: int) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -50,12 +58,14 @@ def worker(model: str, frames: int, chunk: int) -> dict:
     input_bytes = sum(x.nbytes for x in batch.values())
     forward = jax.jit(lambda p, b: Molmo2(config).apply({"params": p}, **b)[0])
     compiled = forward.lower(params, batch).compile()
+    gc.collect()
+    before = rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     start = time.perf_counter()
     jax.block_until_ready(compiled(params, batch))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"frames": frames, "chunk": chunk, "tokens": int(input_ids.shape[1]), "peak": peak,
-            "input": input_bytes, "seconds": seconds}
+    return {"frames": frames, "chunk": chunk, "tokens": int(input_ids.shape[1]), "peak": rss("VmHWM"),
+            "before": before, "input": input_bytes, "seconds": seconds}
 
 
 def measure(model: str, frames: int, chunk: int) -> dict:
@@ -78,9 +88,10 @@ def main() -> None:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))))
         return
     mib = 2**20
-    print(f"{args.model}: one forward to logits, peak RSS of a fresh process (MiB); net = peak - input")
+    print(f"{args.model}: one forward to logits in a fresh process, MiB; net = peak - input; rise = peak - RSS "
+          "before the forward")
     print(f"{'ViT':<16} {'frames':>6} {'tokens':>7} {'peak':>8} {'input':>7} {'net':>8} {'net / first':>11} "
-          f"{'forward s':>9}")
+          f"{'rise':>7} {'forward s':>9}")
     for chunk in args.chunks:
         first = None
         for frames in sorted(args.frames):
@@ -88,8 +99,9 @@ def main() -> None:
             net = r["peak"] - r["input"]
             first = first or net
             label = "one call" if not chunk else f"vit_chunk={chunk}"
+            rise = r["peak"] - r["before"]
             print(f"{label:<16} {frames:>6} {r['tokens']:>7} {r['peak'] / mib:>8.0f} {r['input'] / mib:>7.0f} "
-                  f"{net / mib:>8.0f} {net / first:>10.2f}x {r['seconds']:>9.2f}", flush=True)
+                  f"{net / mib:>8.0f} {net / first:>10.2f}x {rise / mib:>7.0f} {r['seconds']:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from molmo2_jax.training.config import OptimizerConfig, TrainConfig, load_train_
 from molmo2_jax.training.step import make_train_step
 
 RTOL = 1e-5
-CHUNK = 2  # crops per call: every case below has more crops than this, and an odd count (a padded last chunk)
+CHUNK = 4  # crops per call: every case below has more, not a multiple (the last chunk is padded)
 
 
 def packed_row(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -43,14 +43,12 @@ def packed_row(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return row
 
 
-CASES = {
-    "image": lambda: image_inputs([random_image(640, 480)], text_after=10),  # 5 crops
-    "video": lambda: video_inputs(5, seed=1),
+CASES = {  # images and a video (one batch, a padded row; a chunk spans image crops and frames), a packed row
     "image_and_video_rows_padded": lambda: {
-        k: v for k, v in collated([image_inputs([random_image(300, 200, 2)], seed=2, text_after=12),
-                                   video_inputs(4, seed=3)]).items() if not k.endswith(("_grids", "_num_crops"))},
+        k: v for k, v in collated([image_inputs([random_image(640, 480, 2)], seed=2, text_after=12),
+                                   video_inputs(5, seed=3)]).items() if not k.endswith(("_grids", "_num_crops"))},
     "packed": lambda: packed_row([image_inputs([random_image(300, 200, 4)], seed=4, text_after=10),
-                                  image_inputs([random_image(200, 300, 5)], seed=5, text_after=10)]),
+                                  image_inputs([random_image(500, 300, 5)], seed=5, text_after=10)]),
 }
 
 
