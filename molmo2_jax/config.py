@@ -253,6 +253,9 @@ class Molmo2Config:
     attention: str = "auto"
     attention_block_q: int = 512
     attention_block_kv: int = 512
+    # The ViT runs over at most this many crops (images' crops and video frames) per device at a time, a scan
+    # over chunks, each rematerialised in the backward (model/vision.py `encode_in_chunks`); None: one call.
+    vit_chunk: int | None = None
 
     def validate(self) -> Molmo2Config:
         t, v, a = self.text, self.vision, self.adapter
@@ -279,6 +282,9 @@ class Molmo2Config:
             block = getattr(self, name)
             if not isinstance(block, int) or block < 8 or block % 8:
                 raise ConfigError(f"{name} = {block!r} does not fit a tile: use a positive multiple of 8 (e.g. 512)")
+        if self.vit_chunk is not None and (type(self.vit_chunk) is not int or self.vit_chunk <= 0):
+            raise ConfigError(f"vit_chunk = {self.vit_chunk!r}: give a positive number of crops per device per ViT "
+                              "call, or null for one call over all crops")
         return self
 
     def replace(self, **changes: Any) -> Molmo2Config:

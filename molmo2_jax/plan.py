@@ -263,9 +263,6 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
     tensor, seq_shards = mesh.shape["tensor"], mesh.shape["sequence"]
     b = work.batch // batch_shards
     seq = work.seq // seq_shards
-    # the ViT's crops split like the rules' act_crops (batch axes and sequence, where they divide)
-    crops = work.batch * work.crops
-    crops //= axes_size(mesh, fitting_spec(mesh, ("act_crops",), (crops,))[0])
     h_l, kv_l, f_l = t.num_heads // tensor, t.num_kv_heads // tensor, t.intermediate_size // tensor
     d, hd, L = t.hidden_size, t.head_dim, t.num_layers
 
@@ -289,15 +286,24 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
                   "dots_no_batch": {"dot"}}[policy]
     saved = L * (carry + layer_bytes(kept_kinds))
     working = 2 * layer_bytes(set(elem_bytes))  # forward recompute + its gradients
-    # ViT: crops on the batch axes; same structure, 729 tokens per crop, no mask.
-    vt = crops * v.num_patches
+    # ViT: crops on the batch axes and `sequence`; same structure, 729 tokens per crop, no mask. The block scan
+    # carries (and saves per block) only the hidden state; the feature layers' outputs are kept once. With
+    # `vit_chunk`, a chunk's blocks live only while it is (re)computed: what stays are the chunks' features.
+    vit_crops = work.batch * work.crops  # split like the rules' act_crops (where the axes divide it)
+    vit_crops //= axes_size(mesh, fitting_spec(mesh, ("act_crops",), (vit_crops,))[0])
+    live = vit_crops if config.vit_chunk is None else min(vit_crops, config.vit_chunk)
     vh = v.num_heads // tensor
-    vit_layer = vt * (v.hidden_size * 6 + vh * v.head_dim * 4 + v.intermediate_size // tensor * 2) * act \
-        + 2 * layer_bytes(set(elem_bytes), _attention_elements(config, crops, v.num_patches, v.num_patches, vh,
+    vit_layer = live * v.num_patches * (v.hidden_size * 6 + vh * v.head_dim * 4 + v.intermediate_size // tensor
+                                        * 2) * act \
+        + 2 * layer_bytes(set(elem_bytes), _attention_elements(config, live, v.num_patches, v.num_patches, vh,
                                                                v.head_dim))
-    vit_carry = vt * v.hidden_size * act * (1 + len(config.adapter.vit_layers))
-    saved += v.num_layers * (vit_carry + (vit_layer if policy == "none" else 0))
-    working = max(working, 2 * vit_layer)
+    vit_blocks = v.num_layers * (live * v.num_patches * v.hidden_size * act + (vit_layer if policy == "none" else 0))
+    saved += vit_crops * v.num_patches * v.hidden_size * act * len(config.adapter.vit_layers)
+    if live == vit_crops:
+        saved += vit_blocks
+        working = max(working, 2 * vit_layer)
+    else:
+        working = max(working, vit_blocks + 2 * vit_layer)
     # fp32 logits, softmax and gradient of the device's tokens, or of one chunk plus the per-token lse it keeps
     logits = 3 * min(tokens, loss_chunk_tokens or tokens) * (t.vocab_size // tensor) * 4 \
         + (tokens * 4 if loss_chunk_tokens else 0)

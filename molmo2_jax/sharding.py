@@ -58,7 +58,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("act_crops", CROP_AXES),
+    ("act_crops", CROP_AXES),  # the ViT has no sequence axis to split: its crops take it
     ("act_patches", None),
     ("act_visual", None),  # a row's pooled visual tokens (the row is on the batch axes)
     # KV cache [layers, batch, length, kv_heads, head_dim]

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--max-crops", type=int, default=None, help="override the checkpoint's image tiling limit")
     parser.add_argument("--num-frames", type=int, default=None, help="override the checkpoint's video frame limit")
+    parser.add_argument("--vit-chunk", type=int, default=None, metavar="N",
+                        help="run the ViT over N crops / frames at a time (bounds a long video's memory); default: "
+                             "all at once")
     parser.add_argument("--json", action="store_true", help='print {"answer", "groundings", "count"} as JSON')
     parser.add_argument("--draw", metavar="OUT", help="draw the points (.png, images) or tracks (.gif/.mp4, video)")
     parser.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory for this checkpoint")
@@ -62,6 +65,8 @@ def _check_request(args: argparse.Namespace) -> None:
             raise RequestError(f"--draw {args.draw}: directory {Path(args.draw).resolve().parent} does not exist")
     if args.max_new_tokens < 1:
         raise RequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.vit_chunk is not None and args.vit_chunk < 1:
+        raise RequestError(f"--vit-chunk must be >= 1 (crops per ViT call), got {args.vit_chunk}")
 
 
 def report(answer: str, image_sizes: list[tuple[int, int]] | None = None,
@@ -103,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         {"type": "text", "text": args.prompt}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}])
     inputs = processor(prompt, images=images or None, videos=[video] if video else None, max_crops=args.max_crops)
-    model = molmo2_jax.load(args.checkpoint, dtype=args.dtype, adapter=args.adapter, merge_adapter=args.merge_adapter)
+    model = molmo2_jax.load(args.checkpoint, dtype=args.dtype, adapter=args.adapter, merge_adapter=args.merge_adapter,
+                            **({} if args.vit_chunk is None else {"vit_chunk": args.vit_chunk}))
     load_seconds = time.perf_counter() - start
 
     result = model.generate(inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

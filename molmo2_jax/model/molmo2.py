@@ -21,7 +21,7 @@ from molmo2_jax.model import kv_cache
 from molmo2_jax.model.connector import Connector
 from molmo2_jax.model.layers import EMBED_INIT, MaskInfo, fan_in_init, rope_cos_sin, rope_inv_freq
 from molmo2_jax.model.text import Decoder, DecoderLayer, RopeTables, final_norm
-from molmo2_jax.model.vision import VisionTransformer
+from molmo2_jax.model.vision import VisionTransformer, encode_in_chunks
 
 
 class Molmo2(nn.Module):
@@ -41,7 +41,7 @@ class Molmo2(nn.Module):
 
     def vit_features(self, pixels: jax.Array) -> jax.Array:
         """`[N, 729, 588]` -> `[N, 729, F * D_vit]` (the concatenated feature layers)."""
-        return self.vision(pixels)
+        return encode_in_chunks(self.vision, pixels)
 
     def visual_tokens(self, pixel_values: jax.Array | None, image_token_pooling: jax.Array | None,
                       pixel_values_videos: jax.Array | None = None, video_token_pooling: jax.Array | None = None):
@@ -57,7 +57,7 @@ class Molmo2(nn.Module):
             return None, None
         pixels = jnp.concatenate(crops, axis=1) if len(crops) > 1 else crops[0]
         b, n = pixels.shape[:2]
-        features = self.vision(pixels.reshape(b * n, *pixels.shape[2:]))  # [B * crops, 729, F * D_vit]
+        features = encode_in_chunks(self.vision, pixels.reshape(b * n, *pixels.shape[2:]))  # [B * crops, 729, F*D]
         features = features.reshape(b, n * features.shape[1], features.shape[2])  # each row's patches
         shift = 0 if pixel_values is None else pixel_values.shape[1] * pixel_values.shape[2]
         streams = []

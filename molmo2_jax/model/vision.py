@@ -3,6 +3,7 @@ tanh-GELU MLPs and biased attention. Only the blocks up to the deepest feature l
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -33,10 +34,10 @@ class VisionBlock(nn.Module):
     config: Molmo2Config
 
     @nn.compact
-    def __call__(self, carry: tuple[jax.Array, jax.Array], layer: jax.Array):
-        """carry = (x `[N, P, D]`, features `[F, N, P, D]`); the output of this block is stored in feature slot
-        f when `layer == vit_layers[f]`."""
-        x, features = carry
+    def __call__(self, x: jax.Array, layer: jax.Array):
+        """x `[N, P, D]` -> the block's output. `layer` (the block's index) is scanned only to give a segment of
+        the block scan its length."""
+        del layer
         v, dtype, pdtype = self.config.vision, self.config.dtype, self.config.param_dtype
         h = LayerNorm(eps=v.layer_norm_eps, dtype=dtype, param_dtype=pdtype, name="ln1")(x)
         qkv_axes = ("vit_embed", "vit_heads", "head_dim")
@@ -51,10 +52,7 @@ class VisionBlock(nn.Module):
         h = jax.nn.gelu(h, approximate=True)
         x = x + dense(v.hidden_size, ("vit_mlp", "vit_embed"), use_bias=True, dtype=dtype, param_dtype=pdtype,
                       name="fc2")(h)
-        x = nn.with_logical_constraint(x, ("act_crops", "act_patches", "act_embed"))
-        wanted = jnp.asarray(self.config.adapter.vit_layers)[:, None, None, None]
-        features = jnp.where(wanted == layer, x[None], features)
-        return (x, features), None
+        return nn.with_logical_constraint(x, ("act_crops", "act_patches", "act_embed")), None
 
 
 class VisionTransformer(nn.Module):
@@ -70,9 +68,52 @@ class VisionTransformer(nn.Module):
         pos = self.param("pos_embed", nn.with_logical_partitioning(sincos_2d_init, ("vit_in", "vit_embed")),
                          (v.num_patches, v.hidden_size), pdtype)
         x = x + pos.astype(dtype)[None]
-        num_features = len(self.config.adapter.vit_layers)
-        features = jnp.zeros((num_features, *x.shape), dtype)
-        blocks = stack_layers(VisionBlock, v.num_layers, self.config.remat_policy, broadcast_args=0,
-                              scanned_args=1, name="blocks", config=self.config)
-        (_, features), _ = blocks((x, features), jnp.arange(v.num_layers))
-        return jnp.concatenate(list(features), axis=-1)
+        # one stack of blocks (params [layers, ...]); its length comes from the scanned block indices
+        blocks = stack_layers(VisionBlock, None, self.config.remat_policy, broadcast_args=0, scanned_args=1,
+                              name="blocks", config=self.config)
+        wanted = self.config.adapter.vit_layers
+        if self.is_initializing():  # creates the whole stack; the output only needs the right shape
+            x, _ = blocks(x, jnp.arange(v.num_layers))
+            return jnp.concatenate([x] * len(wanted), axis=-1)
+        # The stack runs in segments that end at the feature layers, so only the hidden state is carried
+        # through each scan (and saved per block for the backward), not a buffer of every feature layer.
+        outputs, start = {}, 0
+        for stop in sorted({layer + 1 for layer in wanted}):
+            segment = nn.map_variables(lambda mdl, h, layers: mdl(h, layers), "params",
+                                       trans_in_fn=functools.partial(_layer_slice, start, stop))
+            x, _ = segment(blocks, x, jnp.arange(start, stop))
+            outputs[stop - 1], start = x, stop
+        return jnp.concatenate([outputs[layer] for layer in wanted], axis=-1)
+
+
+def _layer_slice(start: int, stop: int, params):
+    """Blocks `start..stop-1` of the stacked block params (and of any LoRA adapters stacked with them)."""
+    return jax.tree.map(lambda a: a[start:stop], params)
+
+
+def encode_in_chunks(vision: VisionTransformer, pixels: jax.Array) -> jax.Array:
+    """`vision(pixels)`, run as a scan over chunks of `config.vit_chunk` crops per device (a chunk spans every
+    device the crops are split over), each chunk rematerialised in the backward: only one chunk's activations
+    are live at a time and only the chunks' pixels are saved, so ViT memory stops growing with the frame count.
+    The crop count is padded to whole chunks with zero crops, whose features are dropped."""
+    chunk = vision.config.vit_chunk
+    if chunk is None or vision.is_initializing():
+        return vision(pixels)
+    chunk *= _crop_devices()
+    n = pixels.shape[0]
+    if n <= chunk:
+        return vision(pixels)
+    chunks = jnp.pad(pixels, ((0, -n % chunk), (0, 0), (0, 0))).reshape(-1, chunk, *pixels.shape[1:])
+    chunks = nn.with_logical_constraint(chunks, (None, "act_crops", "act_patches", None))
+    body = nn.remat(lambda mdl, carry, crops: (carry, mdl(crops)), prevent_cse=False)
+    _, features = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(vision, None, chunks)
+    return features.reshape(-1, *features.shape[2:])[:n]
+
+
+def _crop_devices() -> int:
+    """How many devices the active mesh and rules split the ViT's crop axis over (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = nn.logical_to_mesh_axes(("act_crops",))[0]
+    if mesh.empty or axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
