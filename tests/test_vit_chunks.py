@@ -154,7 +154,8 @@ def _mesh_worker() -> None:
             lowered = jax.jit(lambda p, x, c=config.replace(vit_chunk=chunk): Molmo2(c).apply(
                 {"params": p}, x, method=Molmo2.vit_features)).lower(params, pixels)
         out[str(chunk)] = np.asarray(lowered.compile()(params, pixels)).tolist()
-        out[f"{chunk}_chunked"] = "tensor<2x8x49x588xf32>" in lowered.as_text()  # 11 crops -> 2 chunks of 8
+        v = config.vision  # 11 crops -> 2 chunks of 8
+        out[f"{chunk}_chunked"] = f"tensor<2x8x{v.num_patches}x{v.patch_dim}xf32>" in lowered.as_text()
     print(json.dumps(out))
 
 
