@@ -22,14 +22,15 @@ MESHES = {"sequence1": {"fsdp": 2}, "sequence4": {"fsdp": 2, "sequence": 4}}
 
 
 def small_crops(batch, patches: int):
-    """`test_attention.model_batch` (crops of 729 patches) cut to crops of `patches`, pooling indices remapped."""
+    """`test_attention.model_batch` (per-row crops of 729 patches) cut to crops of `patches`, pooling indices
+    (local to the row) remapped."""
     import numpy as np
 
     from molmo2_jax.data.packing import MODEL_KEYS
 
     out = {k: v for k, v in batch.items() if k in MODEL_KEYS}
     for key in ("pixel_values", "pixel_values_videos"):
-        out[key] = out[key][:, :patches]
+        out[key] = out[key][:, :, :patches]  # [rows, crops, patches, values]
     for key in ("image_token_pooling", "video_token_pooling"):
         idx = out[key]
         out[key] = np.where(idx >= 0, idx // 729 * patches + idx % 729 % patches, -1).astype(idx.dtype)
