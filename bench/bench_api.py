@@ -172,9 +172,10 @@ def bench_train(model, ref, inputs, repeats):
     ids = inputs["input_ids"]
     labels = np.where(ids < model.config.text.vocab_size, ids, -100)
     target_ids, loss_weights = targets_from_labels(labels)
-    from molmo2_jax.batch import INPUT_KEYS
+    from molmo2_jax.batch import INPUT_KEYS, to_rows
 
-    batch = {k: v[None] for k, v in inputs.items() if k in INPUT_KEYS}
+    rows = to_rows(inputs, model.config.tokens.image_patch, model.config.vision.num_patches)  # the batch contract
+    batch = {k: v[None] for k, v in rows.items() if k in INPUT_KEYS}
     batch.update(target_ids=target_ids[None], loss_weights=loss_weights[None])
 
     def ours():

@@ -23,7 +23,7 @@ from molmo2_jax.params import flatten
 from molmo2_jax.training.checkpointing import Checkpointer, ResumeError
 from molmo2_jax.training.config import TrainConfigError, load_train_config, parse_train_config
 from molmo2_jax.training.loop import NanLossError, Trainer, initial_state, stack_micro_batches
-from molmo2_jax.training.step import make_train_step
+from molmo2_jax.training.step import BatchError, make_train_step
 
 MODEL = load_preset("tiny")
 
@@ -286,6 +286,16 @@ def test_step_compiles_ahead_of_time_from_abstract_shapes(train_step):
     assert compiled.memory_analysis() is not None
     shardings = train_step.batch_shardings(spec)
     assert shardings["pixel_values"].spec[0] is None  # the micro-batch axis is never split
+
+
+def test_step_refuses_visual_arrays_in_the_transformers_layout(train_step):
+    """The batch contract is per row: crops flattened over the batch (the processor's layout) are named, in one
+    line, before anything is traced."""
+    batch = stack_micro_batches([next(synthetic_batches(2))])
+    flat = dict(batch, pixel_values=batch["pixel_values"].reshape(1, -1, *batch["pixel_values"].shape[3:]))
+    with pytest.raises(BatchError, match=r"^training batch, micro-batch 0: pixel_values has shape .*; expected "
+                                         r"\[batch=2, crops, patches, values\]$"):
+        train_step.step(train_step.init_state(0), flat)
 
 
 # -- SIGTERM / Ctrl-C: save the step, exit cleanly, resume identically ---------------------------------------

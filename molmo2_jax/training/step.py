@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from molmo2_jax import distributed, lora
 from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # the model inputs of a batch
+from molmo2_jax.batch import InputError, check_rows
 from molmo2_jax.config import ConfigError, Molmo2Config, to_dict
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.molmo2 import Molmo2
@@ -172,6 +173,12 @@ class TrainStep:
         if np.shape(batch["target_ids"]) != np.shape(batch["input_ids"]):
             raise BatchError(f"target_ids {np.shape(batch['target_ids'])} and input_ids "
                              f"{np.shape(batch['input_ids'])} differ in shape")
+        for i in range(a):  # visual arrays per row (`batch.to_rows` converts the transformers layout)
+            try:
+                check_rows({k: np.asarray(v[i]) for k, v in batch.items() if k in MODEL_KEYS},
+                           self.model_config.tokens.image_patch)
+            except InputError as e:
+                raise BatchError(f"training batch, micro-batch {i}: {e}") from None
 
     # -- the step --------------------------------------------------------------------------------------------
 
