@@ -22,7 +22,7 @@ from molmo2_jax.config import load_preset
 from molmo2_jax.params import flatten
 from molmo2_jax.training.checkpointing import Checkpointer, ResumeError
 from molmo2_jax.training.config import TrainConfigError, load_train_config, parse_train_config
-from molmo2_jax.training.loop import NanLossError, Trainer, initial_state, stack_micro_batches
+from molmo2_jax.training.loop import NanLossError, Trainer, _batch_counts, initial_state, stack_micro_batches
 from molmo2_jax.training.step import BatchError, make_train_step
 
 MODEL = load_preset("tiny")
@@ -286,6 +286,16 @@ def test_step_compiles_ahead_of_time_from_abstract_shapes(train_step):
     assert compiled.memory_analysis() is not None
     shardings = train_step.batch_shardings(spec)
     assert shardings["pixel_values"].spec[0] is None  # the micro-batch axis is never split
+
+
+def test_batch_counts_of_a_bucket_without_frame_slots():
+    """A bucket may hold no video (max_frames 0): its empty frame arrays count nothing (the main job's image-only
+    bucket)."""
+    batch = stack_micro_batches([next(synthetic_batches(2))])
+    images = int(np.any(batch["image_token_pooling"] >= 0, axis=-1).sum())
+    empty = dict(batch, pixel_values_videos=np.zeros((1, 2, 0, *batch["pixel_values"].shape[3:]), np.float32),
+                 video_token_pooling=np.full((1, 2, 0, 9), -1, np.int32))
+    assert _batch_counts(empty)[2] == images
 
 
 def test_step_refuses_visual_arrays_in_the_transformers_layout(train_step):

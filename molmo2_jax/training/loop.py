@@ -110,7 +110,8 @@ def _batch_counts(batch: dict[str, np.ndarray]) -> tuple[int, int, int, int]:
             visual += int(np.any(idx >= 0, axis=-1).sum())
             # crops in use = those some pooling slot of their row points into (cheaper than scanning the pixels)
             per_crop = batch[pixels].shape[-2]
-            crops += sum(len(np.unique(row[row >= 0] // per_crop)) for row in idx.reshape(-1, *idx.shape[-2:]))
+            rows = idx.reshape(int(np.prod(idx.shape[:-2])), *idx.shape[-2:])  # a bucket may have no slots: -1 fails
+            crops += sum(len(np.unique(row[row >= 0] // per_crop)) for row in rows)
     return tokens, crops, visual, int(batch["input_ids"].shape[-1])
 
 
