@@ -242,7 +242,7 @@ class TrainStep:
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         keys = None if step is None else self._dropout_keys(step, self.train_config.grad_accum)
-        if self.train_config.grad_accum == 1:  # no loop around the model and no accumulator to zero and add to
+        if self.train_config.grad_accum == 1:  # no loop around the model (XLA folds the add to zeros away)
             return micro(zeros, jax.tree_util.tree_map(lambda x: x[0], (batch, keys)))
         grads, sums = jax.lax.scan(micro, zeros, (batch, keys))
         return grads, jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
