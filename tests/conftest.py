@@ -7,12 +7,10 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
+from jax_setup import configure  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "molmo2-jax" / "jax-cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+configure()
 
 
 @pytest.fixture(scope="session", params=["qwen3", "olmo3"])

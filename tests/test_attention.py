@@ -4,7 +4,6 @@ families (logits and every parameter gradient) and a tile size that does not fit
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -15,21 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from batches import mixed_batch, olmo3, rel_diff
 
-from molmo2_jax.config import ConfigError, RopeScaling, load_preset
-from molmo2_jax.data.packing import MODEL_KEYS, assemble
+from molmo2_jax.config import ConfigError, load_preset
+from molmo2_jax.data.packing import MODEL_KEYS
 from molmo2_jax.model.attention import blockwise_attention, tile_ranges, tile_size, uses_blockwise
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import flatten
-from molmo2_jax.preprocessing.collate import Bucket
 
 RTOL = 1e-5  # max |blockwise - dense| / max |dense|, per array
-
-
-def rel_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def full_mask(seg, mm) -> MaskInfo:
@@ -167,60 +161,13 @@ def test_tile_ranges_skip_what_the_mask_rules_out():
 # The whole model
 
 
-def _olmo(config):
-    """The tiny preset turned Olmo3 style: post-norm, full-width qk-norm, MHA, YaRN on layer 0 only."""
-    text = dataclasses.replace(config.text, qk_norm_type="olmo", norm_after=True, num_kv_heads=config.text.num_heads,
-                               rope_scaling=RopeScaling(original_max_position_embeddings=64),
-                               rope_scaling_layers=(0,))
-    return config.replace(text=text)
-
-
-def _example(rng, tok, parts) -> dict[str, np.ndarray]:
-    """One example: `parts` is a list of ("text", n), ("image", tokens) or ("frame", tokens); images are one
-    crop with 2x2 pooling, frames one crop with 3x3 pooling; the pooling indices are local to the example."""
-    ids, crops, pooling, frames, video_pooling = [], [], [], [], []
-    for kind, n in parts:
-        if kind == "text":
-            ids += rng.integers(1, 250, n).tolist()
-            continue
-        start, end = (tok.image_start, tok.image_end) if kind == "image" else (tok.frame_start, tok.frame_end)
-        ids += [start] + [tok.image_patch] * n + [end]
-        stream, pools, width = (crops, pooling, 4) if kind == "image" else (frames, video_pooling, 9)
-        pools.append(rng.integers(0, 729, (n, width)) + len(stream) * 729)
-        stream.append(rng.uniform(-1, 1, (729, 588)).astype(np.float32))
-    ids = np.asarray(ids, np.int32)
-    ex = {"input_ids": ids, "mm_token_type_ids": np.isin(ids, tok.multimodal).astype(np.int32),
-          "token_weights": np.ones(len(ids), np.float32)}
-    if crops:
-        ex["pixel_values"], ex["image_token_pooling"] = np.stack(crops), np.concatenate(pooling).astype(np.int32)
-    if frames:
-        ex["pixel_values_videos"] = np.stack(frames)
-        ex["video_token_pooling"] = np.concatenate(video_pooling).astype(np.int32)
-    return ex
-
-
-def model_batch(config) -> dict[str, np.ndarray]:
-    """Three rows of 64 tokens: two images in one example then padding; a three-frame video (timestamps between
-    frames) then padding; two packed examples, each with its own image."""
-    rng, tok = np.random.default_rng(0), config.tokens
-    rows = [
-        [_example(rng, tok, [("text", 3), ("image", 8), ("text", 2), ("image", 6), ("text", 5)])],
-        [_example(rng, tok, [("text", 2), ("frame", 5), ("text", 2), ("frame", 5), ("text", 2), ("frame", 5),
-                             ("text", 9)])],
-        [_example(rng, tok, [("text", 4), ("image", 7), ("text", 12)]),
-         _example(rng, tok, [("text", 2), ("image", 9), ("text", 20)])],
-    ]
-    bucket = Bucket(seq_len=64, max_crops=3, max_image_tokens=17, max_frames=4, max_video_tokens=18)  # per row
-    return assemble(rows, bucket, patches_per_crop=729, patch_dim=588, pad_token_id=tok.pad)
-
-
 @pytest.mark.parametrize("family", ["qwen3", "olmo3"])
 def test_whole_model_blockwise_equals_dense(family):
     """Logits and the gradient of every parameter, with the decoder, the ViT and the connector all blockwise
     (tiles of 16 x 24 rows: several per sequence, none dividing 64 or 729)."""
     config = load_preset("tiny")
-    config = _olmo(config) if family == "olmo3" else config
-    batch = {k: jnp.asarray(v) for k, v in model_batch(config).items() if k in MODEL_KEYS}
+    config = olmo3(config) if family == "olmo3" else config
+    batch = {k: jnp.asarray(v) for k, v in mixed_batch(config).items() if k in MODEL_KEYS}
     params = Molmo2(config.replace(attention="dense")).init(jax.random.key(0), **batch)["params"]
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(*batch["input_ids"].shape, config.text.vocab_size)),
                           jnp.float32)

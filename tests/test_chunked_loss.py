@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_attention import _example, _olmo
+from batches import mixed_rows, multimodal_example, olmo3
 
 from molmo2_jax.config import load_preset
 from molmo2_jax.data.packing import MODEL_KEYS, assemble
@@ -40,7 +40,7 @@ ZERO_GRADIENTS = ("vision/blocks/k/bias", "connector/k/bias")
 
 def model_config(family: str):
     config = load_preset("tiny")
-    return _olmo(config) if family == "olmo3" else config
+    return olmo3(config) if family == "olmo3" else config
 
 
 @functools.cache
@@ -50,14 +50,7 @@ def micro_batches(family: str) -> dict[str, np.ndarray]:
     Half the targets are the untrained model's own top-1 prediction, so `accuracy` counts real hits."""
     config = model_config(family)
     rng, tok = np.random.default_rng(0), config.tokens
-    rows = [
-        [_example(rng, tok, [("text", 3), ("image", 8), ("text", 2), ("image", 6), ("text", 5)])],
-        [_example(rng, tok, [("text", 2), ("frame", 5), ("text", 2), ("frame", 5), ("text", 2), ("frame", 5),
-                             ("text", 9)])],
-        [_example(rng, tok, [("text", 4), ("image", 7), ("text", 12)]),
-         _example(rng, tok, [("text", 2), ("image", 9), ("text", 20)])],
-        [_example(rng, tok, [("text", 3), ("image", 5), ("text", 6)])],
-    ]
+    rows = mixed_rows(rng, tok) + [[multimodal_example(rng, tok, [("text", 3), ("image", 5), ("text", 6)])]]
     bucket = Bucket(seq_len=SEQ, max_crops=6, max_image_tokens=40, max_frames=4, max_video_tokens=18)
     params, apply = init_params(config, 0), jax.jit(Molmo2(config).apply)
     micro = []
@@ -120,14 +113,11 @@ def test_chunked_loss_equals_plain_loss_on_one_device(family):
 
 
 def main() -> None:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(HERE))
-    import jax
+    from jax_setup import configure
 
-    jax.config.update("jax_default_matmul_precision", "highest")
-    jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "molmo2-jax" / "jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax = configure(devices=8)
     for family in ("qwen3", "olmo3"):
         config, batch = model_config(family), micro_batches(family)
         m0, g0, _ = results(config, 0, make_mesh({}, jax.devices()[:1]), batch, step=False)

@@ -22,7 +22,7 @@ MESHES = {"sequence1": {"fsdp": 2}, "sequence4": {"fsdp": 2, "sequence": 4}}
 
 
 def small_crops(batch, patches: int):
-    """`test_attention.model_batch` (per-row crops of 729 patches) cut to crops of `patches`, pooling indices
+    """`batches.mixed_batch` (per-row crops of 729 patches) cut to crops of `patches`, pooling indices
     (local to the row) remapped."""
     import numpy as np
 
@@ -47,7 +47,7 @@ def _worker() -> None:
     import flax.linen as nn
     import jax.numpy as jnp
     import numpy as np
-    from test_attention import _olmo, model_batch, rel_diff
+    from batches import mixed_batch, olmo3, rel_diff
 
     from molmo2_jax.config import load_preset
     from molmo2_jax.model.molmo2 import Molmo2
@@ -61,9 +61,9 @@ def _worker() -> None:
         # blockwise everywhere, with tiles of 8 rows: two per sequence shard of 16 tokens; crops of 4 x 4 patches
         # keep the ViT's tile loops short
         config = load_preset("tiny", ["vision.image_size=56"])
-        config = (_olmo(config) if family == "olmo3" else config).replace(
+        config = (olmo3(config) if family == "olmo3" else config).replace(
             attention="blockwise", attention_block_q=8, attention_block_kv=8)
-        batch = small_crops(model_batch(config), config.vision.num_patches)
+        batch = small_crops(mixed_batch(config), config.vision.num_patches)
         model = Molmo2(config)
         weights = np.random.default_rng(1).normal(size=(*batch["input_ids"].shape, config.text.vocab_size))
         params = jax.device_get(init_params(config))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jax_setup import configure
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 OVERRIDES = ["vision.image_size=56"]
@@ -93,8 +94,7 @@ def _worker(process_id: int, port: int, out_dir: str, mode: str) -> None:
 
     from molmo2_jax import distributed
 
-    jax.config.update("jax_num_cpu_devices", 4)
-    jax.config.update("jax_default_matmul_precision", "highest")
+    configure(devices=4)
     distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
 
     import grain

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_setup import configure
 
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.attention import attention, blockwise_attention
@@ -126,8 +127,7 @@ def test_config_selects_the_kernel_from_1024_keys():
 
 def _sharded_worker() -> None:
     """Run as a script: the kernel under a data=2 sequence=2 tensor=2 mesh against the unsharded call."""
-    jax.config.update("jax_num_cpu_devices", 8)
-    jax.config.update("jax_default_matmul_precision", "highest")
+    configure(devices=8)
     from jax.sharding import NamedSharding, PartitionSpec
 
     from molmo2_jax.sharding import activate, make_mesh

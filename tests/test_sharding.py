@@ -23,10 +23,9 @@ TINY_OVERRIDES = ["vision.image_size=56"]  # 4x4 patches per crop keeps the ViT 
 
 def _worker() -> None:
     """Run every mesh case on 8 simulated devices; print one JSON line of results."""
-    import jax
+    from jax_setup import configure
 
-    jax.config.update("jax_num_cpu_devices", 8)
-    jax.config.update("jax_default_matmul_precision", "highest")
+    jax = configure(devices=8)
     import numpy as np
     from batches import training_batch
     from jax.sharding import NamedSharding, PartitionSpec

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from batches import collate, example, synthetic_batches
+from jax_setup import configure
 
 from molmo2_jax.config import load_preset
 from molmo2_jax.params import flatten
@@ -317,9 +318,7 @@ PREEMPT_SETTINGS = {"model": {"preset": "tiny"}, "steps": 6,
 
 def _train_command_on_synthetic_batches(config_path: str) -> int:
     """What the subprocesses of the SIGTERM test run: `molmo2-jax train`, with the synthetic batches as its data."""
-    jax.config.update("jax_default_matmul_precision", "highest")
-    jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "molmo2-jax" / "jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    configure()
     import functools
     import importlib
 

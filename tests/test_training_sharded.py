@@ -14,17 +14,14 @@ MESHES = {"sharded": {"fsdp": 4, "tensor": 2}, "sequence": {"data": 2, "fsdp": 2
 
 
 def main() -> None:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(HERE))
     import tempfile
 
-    import jax
     import numpy as np
+    from jax_setup import configure
 
-    jax.config.update("jax_default_matmul_precision", "highest")
-    jax.config.update("jax_compilation_cache_dir", str(Path.home() / ".cache" / "molmo2-jax" / "jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax = configure(devices=8)
     import test_training as T
 
     from molmo2_jax.params import flatten

@@ -5,16 +5,17 @@ layout into rows; bad per-row inputs fail in one line naming the input."""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from batches import multimodal_example, olmo3, rel_diff
 
 from molmo2_jax.batch import InputError, check_rows, shift_pooling, to_rows
-from molmo2_jax.config import RopeScaling, load_preset
+from molmo2_jax.config import load_preset
 from molmo2_jax.data.packing import MODEL_KEYS, assemble
 from molmo2_jax.model.molmo2 import Molmo2
 from molmo2_jax.params import flatten
@@ -36,55 +37,18 @@ class GlobalIndices(Molmo2):
         return x.reshape(b, t, -1)
 
 
-def rel_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def _olmo(config):
-    text = dataclasses.replace(config.text, qk_norm_type="olmo", norm_after=True, num_kv_heads=config.text.num_heads,
-                               rope_scaling=RopeScaling(original_max_position_embeddings=64), rope_scaling_layers=(0,))
-    return config.replace(text=text)
-
-
-def _example(rng, tok, parts):
-    """Text, images (one crop, 2x2 pooling) and frames (one crop, 3x3 pooling), pooling local to the example; an
-    image's pooling ends in an all -1 row (dropped, as the packer and processor may leave them)."""
-    ids, streams = [], {"image": ([], []), "frame": ([], [])}
-    for kind, n in parts:
-        if kind == "text":
-            ids += rng.integers(1, 250, n).tolist()
-            continue
-        start, end = (tok.image_start, tok.image_end) if kind == "image" else (tok.frame_start, tok.frame_end)
-        ids += [start] + [tok.image_patch] * n + [end]
-        crops, pools = streams[kind]
-        width = 4 if kind == "image" else 9
-        pool = rng.integers(0, P, (n, width)) + len(crops) * P
-        pool[0, 1:] = -1  # a partly empty window
-        pools.append(np.concatenate([pool, np.full((1, width), -1)]) if kind == "image" else pool)
-        crops.append(rng.uniform(-1, 1, (P, 588)).astype(np.float32))
-    ids = np.asarray(ids, np.int32)
-    ex = {"input_ids": ids, "mm_token_type_ids": np.isin(ids, tok.multimodal).astype(np.int32),
-          "token_weights": np.ones(len(ids), np.float32)}
-    for kind, (pixels_key, pooling_key) in (("image", ("pixel_values", "image_token_pooling")),
-                                            ("frame", ("pixel_values_videos", "video_token_pooling"))):
-        crops, pools = streams[kind]
-        if crops:
-            ex[pixels_key], ex[pooling_key] = np.stack(crops), np.concatenate(pools).astype(np.int32)
-    return ex
-
-
 def packed_batch(config) -> dict[str, np.ndarray]:
     """Four rows of 48 tokens: two images in one example; a video then a packed image example; two packed image
     examples; text only. Every row is padded (tokens, crops, frames and pooled tokens)."""
     rng, tok = np.random.default_rng(0), config.tokens
+    example = functools.partial(multimodal_example, empty_slots=True)
     rows = [
-        [_example(rng, tok, [("text", 3), ("image", 8), ("text", 2), ("image", 6), ("text", 5)])],
-        [_example(rng, tok, [("text", 2), ("frame", 4), ("text", 2), ("frame", 4), ("text", 2)]),
-         _example(rng, tok, [("text", 2), ("image", 5), ("text", 4)])],
-        [_example(rng, tok, [("text", 4), ("image", 7), ("text", 6)]),
-         _example(rng, tok, [("text", 2), ("image", 9), ("text", 3)])],
-        [_example(rng, tok, [("text", 20)])],
+        [example(rng, tok, [("text", 3), ("image", 8), ("text", 2), ("image", 6), ("text", 5)])],
+        [example(rng, tok, [("text", 2), ("frame", 4), ("text", 2), ("frame", 4), ("text", 2)]),
+         example(rng, tok, [("text", 2), ("image", 5), ("text", 4)])],
+        [example(rng, tok, [("text", 4), ("image", 7), ("text", 6)]),
+         example(rng, tok, [("text", 2), ("image", 9), ("text", 3)])],
+        [example(rng, tok, [("text", 20)])],
     ]
     bucket = Bucket(seq_len=48, max_crops=3, max_image_tokens=20, max_frames=3, max_video_tokens=10)
     batch = assemble(rows, bucket, patches_per_crop=P, patch_dim=588, pad_token_id=tok.pad)
@@ -116,7 +80,7 @@ def _loss_and_grads(module, params, inputs, weights, mask):
 def test_per_row_equals_global_indices(family):
     """Logits and the gradient of every parameter: per-row indices vs the batch-global path."""
     config = load_preset("tiny")
-    config = _olmo(config) if family == "olmo3" else config
+    config = olmo3(config) if family == "olmo3" else config
     rows = packed_batch(config)
     flat = to_global(rows)
     one_vision_batch = {k: (v[None] if k.startswith(("pixel_values", "image_token", "video_token")) else v)
