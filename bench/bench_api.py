@@ -1,6 +1,6 @@
 """What users call, timed against the transformers reference on identical inputs in one process, float32 on CPU:
 
-    python bench/bench_api.py [--configs tiny,65m,80m] [--repeats 3] [--new-tokens 32] [--skip generate,train]
+    python bench/bench_api.py [--configs tiny,65m,80m] [--batch 1,8] [--repeats 3] [--new-tokens 32] [--skip train]
     python bench/bench_api.py --profile 65m     # the prefill breakdown of docs/performance.md instead
 
 - prefill: `model(inputs)` (jitted, warm; logits back on the host side as a jax array) against the reference
@@ -15,6 +15,9 @@ Every timed call alternates ours / reference; the figure is the median of --repe
 time (> 1: ours faster). FLOPs are the reference's, counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls
 and attention; the same model and inputs on both sides), and `%peak` is that FLOP rate over the machine's fp32
 matmul peak, measured at the start of the run as the faster of a 2048^3 matmul in XLA and in torch.
+
+--batch: prefill and generate run at each batch size on that many one-image prompts (different images and text,
+the same length, collated as transformers takes them); train always takes one example.
 
 Configs (random weights, saved by the reference and loaded with `molmo2_jax.load`), one 640x480 image (5 crops):
 - tiny: tests/ref_model.tiny_config.
@@ -117,6 +120,15 @@ def image_example() -> dict[str, np.ndarray]:
     from ref_model import image_inputs, random_image
 
     return image_inputs([random_image(640, 480)], text_after=19)
+
+
+def image_batch(batch: int) -> dict[str, np.ndarray]:
+    """`batch` one-image prompts of 774 tokens each (row i: image and text of seed i; row 0 is `image_example`)."""
+    from ref_model import image_inputs, padded_batch, random_image
+
+    if batch == 1:
+        return image_example()
+    return padded_batch([image_inputs([random_image(640, 480, seed=i)], seed=i, text_after=19) for i in range(batch)])
 
 
 def bench_prefill(model, ref, inputs, repeats):
@@ -324,6 +336,7 @@ def profile(name: str, inputs, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,65m,80m")
+    parser.add_argument("--batch", default="1", help="comma-separated batch sizes of prefill and generate")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip", default="", help="comma-separated among prefill,generate,train")
@@ -333,6 +346,9 @@ def main() -> None:
     unknown += [c for c in filter(None, args.skip.split(",")) if c not in ("prefill", "generate", "train")]
     if unknown:
         parser.error(f"unknown config or call {unknown}; configs are {list(CONFIGS)}, calls prefill,generate,train")
+    batches = args.batch.split(",")
+    if not all(b.isdigit() and int(b) > 0 for b in batches):
+        parser.error(f"--batch {args.batch!r}: expected positive integers separated by commas, e.g. 1,8")
     if args.profile:
         profile(args.profile, image_example(), args.repeats)
         return
@@ -348,25 +364,28 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads; float32; median of {args.repeats}; fp32 2048 matmul: XLA "
           f"{peak_ours:.0f} GFLOP/s, torch {peak_ref:.0f} GFLOP/s (peak = {peak:.0f})", flush=True)
-    header = (f"{'config':<6}{'params':>8}{'tokens':>7}  {'call':<9}{'compile s':>10}{'ours ms':>10}{'ref ms':>10}"
-              f"{'ratio':>7}{'GFLOP':>8}{'ours %peak':>11}{'ref %peak':>10}")
+    header = (f"{'config':<6}{'params':>8}{'batch':>6}{'tokens':>7}  {'call':<9}{'compile s':>10}{'ours ms':>10}"
+              f"{'ref ms':>10}{'ratio':>7}{'GFLOP':>8}{'ours %peak':>11}{'ref %peak':>10}")
     rows = []
-    inputs = image_example()
+    inputs = {int(b): image_batch(int(b)) for b in batches}
+    runs = [(call, b) for call in ("prefill", "generate") for b in inputs] + [("train", 1)]
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bench_api_{name}_") as tmp:
             ref, model = build(name, Path(tmp))
             n_params = sum(int(np.prod(s)) for s in param_shapes(model.config).values())
             calls = {"prefill": (bench_prefill, ()), "generate": (bench_generate, (args.new_tokens,)),
                      "train": (bench_train, ())}
-            for call, (run, extra) in calls.items():
+            for call, batch in runs:
                 if call in skip:
                     continue
-                compile_s, pairs, count = run(model, ref, inputs, args.repeats, *extra)
+                run, extra = calls[call]
+                example = image_example() if call == "train" else inputs[batch]
+                compile_s, pairs, count = run(model, ref, example, args.repeats, *extra)
                 ours, theirs = (statistics.median(x) for x in zip(*pairs))
                 ratios = ", ".join(f"{r / o:.2f}" for o, r in pairs)
                 fl = (f"{count / 1e9:8.1f}{count / ours / 1e9 / peak:10.0%} {count / theirs / 1e9 / peak:9.0%}"
                       if count else f"{'':8}{'':11}{'':10}")
-                rows.append(f"{name:<6}{n_params / 1e6:7.1f}M{inputs['input_ids'].shape[1]:>7}  {call:<9}"
+                rows.append(f"{name:<6}{n_params / 1e6:7.1f}M{batch:>6}{example['input_ids'].shape[1]:>7}  {call:<9}"
                             f"{compile_s:10.1f}{ours * 1e3:10.1f}{theirs * 1e3:10.1f}{theirs / ours:6.2f}x{fl}")
                 print(rows[-1] + f"   (ratios {ratios})", flush=True)
     print("\n" + header + "\n" + "\n".join(rows))
