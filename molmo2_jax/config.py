@@ -256,6 +256,10 @@ class Molmo2Config:
     # The ViT runs over at most this many crops (images' crops and video frames) per device at a time, a scan
     # over chunks, each rematerialised in the backward (model/vision.py `encode_in_chunks`); None: one call.
     vit_chunk: int | None = None
+    # "zigzag": when the mesh splits the sequence over `sequence` (S > 1 shards, length a multiple of 2S), the
+    # decoder runs on its tokens in zigzag order, so causal attention's work is even across the shards
+    # (model/zigzag.py); the results are unchanged. None: the natural order.
+    context_balance: str | None = None
 
     def validate(self) -> Molmo2Config:
         t, v, a = self.text, self.vision, self.adapter
@@ -285,6 +289,8 @@ class Molmo2Config:
         if self.vit_chunk is not None and (type(self.vit_chunk) is not int or self.vit_chunk <= 0):
             raise ConfigError(f"vit_chunk = {self.vit_chunk!r}: give a positive number of crops per device per ViT "
                               "call, or null for one call over all crops")
+        if self.context_balance not in CONTEXT_BALANCE:
+            raise ConfigError(f"context_balance {self.context_balance!r} is not one of {list(CONTEXT_BALANCE)}")
         return self
 
     def replace(self, **changes: Any) -> Molmo2Config:
@@ -317,6 +323,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 HF_DEFAULT_ROPE_THETA = 10000.0  # what transformers assumes when a config names no rope_theta
 # pallas: the TPU kernel of model/pallas_attention.py where blockwise would run (interpret mode off TPU)
 ATTENTION_PATHS = ("auto", "dense", "blockwise", "pallas")
+CONTEXT_BALANCE = (None, "zigzag")
 
 
 # ----------------------------------------------------------------------------------------------------

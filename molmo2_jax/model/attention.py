@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from molmo2_jax.config import Molmo2Config
+from molmo2_jax.model import zigzag
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
 from molmo2_jax.sharding import fitting_spec
 
@@ -41,14 +42,16 @@ def uses_blockwise(impl: str, num_keys: int) -> bool:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, config: Molmo2Config) -> jax.Array:
     """q `[B, T, H, D]`, k/v `[B, S, KV, D]`, mask vectors or None (every key allowed) -> `[B, T, H, D]`, by the
     path `config.attention` chooses for S keys."""
+    zigzag_order = mask is not None and config.context_balance == "zigzag"  # tokens as `Molmo2.__call__` orders them
     if config.attention == "pallas" and uses_blockwise("pallas", k.shape[1]):  # the kernel where blockwise would run
         from molmo2_jax.model.pallas_attention import pallas_attention  # imports this module
 
-        return pallas_attention(q, k, v, mask, block_q=config.attention_block_q, block_kv=config.attention_block_kv)
+        return pallas_attention(q, k, v, mask, block_q=config.attention_block_q, block_kv=config.attention_block_kv,
+                                zigzag=zigzag_order)
     if uses_blockwise(config.attention, k.shape[1]):
         attend = functools.partial(blockwise_attention, block_q=config.attention_block_q,
                                    block_kv=config.attention_block_kv)
-        return per_device(attend, q, k, v, mask)
+        return per_device(attend, q, k, v, mask, zigzag_order)
     return dot_product_attention(q, k, v, None if mask is None else mask.allowed())
 
 
@@ -58,14 +61,17 @@ def every_key(q: jax.Array, k: jax.Array) -> MaskInfo:
     return MaskInfo(ones_q, ones_q, ones_q.astype(bool), ones_k, ones_k, ones_k.astype(bool))
 
 
-def per_device(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None) -> jax.Array:
+def per_device(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None,
+               zigzag_order: bool = False) -> jax.Array:
     """`attend(q, k, v, mask)` (a kernel with `blockwise_attention`'s contract; mask None: every key) run per
     device under the current mesh in `shard_map`, or directly without one.
 
     Rows over data x fsdp (the ViT's crops by its own rule, which may add `sequence`), heads over tensor, queries
     over `sequence` where it divides their length. When queries are split and it divides the key length too, K, V
     and the key vectors come in split alike and are all-gathered over `sequence` inside (context parallelism; their
-    gradients are reduce-scattered back); otherwise keys are whole on every device.
+    gradients are reduce-scattered back); otherwise keys are whole on every device. `zigzag_order`: the tokens
+    may be in zigzag order (where `zigzag.shards` says so); the gathered keys are then put back in natural order,
+    so a query tile's allowed key tiles stay one contiguous range.
     """
     rows, length = ("act_crops", "act_patches") if mask is None else ("act_batch", "act_length")
     mask = every_key(q, k) if mask is None else mask
@@ -75,6 +81,7 @@ def per_device(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo 
     q_spec = fitting_spec(mesh, (rows, length, "act_heads", None), q.shape)
     axis = q_spec[1]  # the mesh axis splitting the queries, or None
     split = axis is not None and k.shape[1] % mesh.shape[axis] == 0
+    zigzag_shards = zigzag.shards(k.shape[1]) if zigzag_order and split else 0
     kv_spec = fitting_spec(mesh, (rows, length if split else None, "act_kv_heads", None), k.shape)
     if kv_spec[2] != q_spec[2]:  # heads and kv heads must split alike, or a device's groups would not match
         q_spec, kv_spec = (PartitionSpec(*x[:2], None, None) for x in (q_spec, kv_spec))
@@ -82,7 +89,10 @@ def per_device(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo 
 
     def local(q, k, v, mask):
         if split:
-            gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
+            def gather(x):
+                x = jax.lax.all_gather(x, axis, axis=1, tiled=True)
+                return zigzag.natural_keys(x, zigzag_shards) if zigzag_shards else x
+
             k, v = gather(k), gather(v)
             mask = mask._replace(k_seg=gather(mask.k_seg), k_idx=gather(mask.k_idx), k_mm=gather(mask.k_mm))
         return attend(q, k, v, mask)

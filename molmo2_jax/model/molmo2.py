@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from molmo2_jax.batch import patch_streams, shift_pooling
 from molmo2_jax.config import Molmo2Config
-from molmo2_jax.model import kv_cache
+from molmo2_jax.model import kv_cache, zigzag
 from molmo2_jax.model.connector import Connector
 from molmo2_jax.model.layers import EMBED_INIT, MaskInfo, fan_in_init, rope_cos_sin, rope_inv_freq
 from molmo2_jax.model.text import Decoder, DecoderLayer, RopeTables, final_norm
@@ -109,7 +109,8 @@ class Molmo2(nn.Module):
         values `[layers, B, T, KV, hd]` (a prompt's, for `kv_cache.from_prompt`), else None.
 
         `segment_ids` (0 = padding, 1.. = packed example) default to `attention_mask`; `position_ids` default to
-        `cumsum(attention_mask) - 1` (left padding friendly).
+        `cumsum(attention_mask) - 1` (left padding friendly). With `config.context_balance = "zigzag"` the decoder
+        may run on the tokens in another order (model/zigzag.py); inputs and outputs are in the natural order.
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -123,8 +124,17 @@ class Molmo2(nn.Module):
                                                         video_token_pooling)
         x = self.embed(input_ids, image_stream, video_stream, video_patch_mask)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-        q_idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+        q_idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))  # each token's slot: what the causal mask compares
+        shards = zigzag.shards(t) if self.config.context_balance == "zigzag" else 0
+        if shards:  # the decoder runs on the tokens in zigzag order; the slots travel with them
+            x = zigzag.to_zigzag(x, shards)
+            vectors = zigzag.to_zigzag(jnp.stack([seg, q_idx, mm.astype(jnp.int32), position_ids.astype(jnp.int32)],
+                                                 -1), shards)
+            seg, q_idx, mm, position_ids = vectors[..., 0], vectors[..., 1], vectors[..., 2] > 0, vectors[..., 3]
         hidden, kv = self.decoder(x, self.rope(position_ids), MaskInfo(seg, q_idx, mm, seg, q_idx, mm), return_kv)
+        if shards:
+            hidden = zigzag.from_zigzag(hidden, shards)
+            kv = None if kv is None else tuple(zigzag.from_zigzag(a, shards, axis=2) for a in kv)
         if return_hidden:
             return hidden, kv
         logits = nn.with_logical_constraint(lm_logits(hidden, self.lm_head), ("act_batch", "act_length", "act_vocab"))

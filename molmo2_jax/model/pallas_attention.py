@@ -197,6 +197,7 @@ def _on_device(q, k, v, mask, block_q, block_kv):
 
 
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, *, block_q: int,
-                     block_kv: int) -> jax.Array:
-    """Same result as `attention.blockwise_attention` (q `[B, T, H, D]`, k/v `[B, S, KV, D]`)."""
-    return per_device(functools.partial(_on_device, block_q=block_q, block_kv=block_kv), q, k, v, mask)
+                     block_kv: int, zigzag: bool = False) -> jax.Array:
+    """Same result as `attention.blockwise_attention` (q `[B, T, H, D]`, k/v `[B, S, KV, D]`); `zigzag` as
+    `attention.per_device`'s `zigzag_order`."""
+    return per_device(functools.partial(_on_device, block_q=block_q, block_kv=block_kv), q, k, v, mask, zigzag)
