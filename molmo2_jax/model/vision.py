@@ -95,19 +95,32 @@ def encode_in_chunks(vision: VisionTransformer, pixels: jax.Array) -> jax.Array:
     """`vision(pixels)`, run as a scan over chunks of `config.vit_chunk` crops per device (a chunk spans every
     device the crops are split over), each chunk rematerialised in the backward: only one chunk's activations
     are live at a time and only the chunks' pixels are saved, so ViT memory stops growing with the frame count.
-    The crop count is padded to whole chunks with zero crops, whose features are dropped."""
+
+    Chunk j is crops `[j * vit_chunk, (j + 1) * vit_chunk)` of every device's own slice of the crops, so no crop
+    leaves its device on the way in or out. (Contiguous chunks of the global crop axis would each live on a few
+    devices: XLA reshuffled every chunk onto all of them and all-gathered the stacked features back, holding the
+    whole batch's fp32 features on every device.) Each device's slice is padded to whole chunks with zero crops,
+    whose features are dropped."""
     chunk = vision.config.vit_chunk
     if chunk is None or vision.is_initializing():
         return vision(pixels)
-    chunk *= _crop_devices()
-    n = pixels.shape[0]
-    if n <= chunk:
+    n, devices = pixels.shape[0], _crop_devices()
+    local = -(-n // devices)  # crops per device (the last devices' slices padded when the axes do not divide n)
+    if local <= chunk:
         return vision(pixels)
-    chunks = jnp.pad(pixels, ((0, -n % chunk), (0, 0), (0, 0))).reshape(-1, chunk, *pixels.shape[1:])
+    steps = -(-local // chunk)
+    pad = lambda x, axis, size: jnp.pad(x, [(0, size - x.shape[axis]) if a == axis else (0, 0)
+                                           for a in range(x.ndim)])
+    x = pad(pad(pixels, 0, devices * local).reshape(devices, local, *pixels.shape[1:]), 1, steps * chunk)
+    chunks = x.reshape(devices, steps, chunk, *x.shape[2:]).swapaxes(0, 1).reshape(steps, devices * chunk,
+                                                                                   *x.shape[2:])
     chunks = nn.with_logical_constraint(chunks, (None, "act_crops", "act_patches", None))
     body = nn.remat(lambda mdl, carry, crops: (carry, mdl(crops)), prevent_cse=False)
     _, features = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(vision, None, chunks)
-    return features.reshape(-1, *features.shape[2:])[:n]
+    features = nn.with_logical_constraint(features, (None, "act_crops", "act_patches", None))
+    rest = features.shape[2:]
+    features = features.reshape(steps, devices, chunk, *rest).swapaxes(0, 1).reshape(devices, steps * chunk, *rest)
+    return features[:, :local].reshape(devices * local, *rest)[:n]
 
 
 def _crop_devices() -> int:
