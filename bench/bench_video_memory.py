@@ -1,4 +1,5 @@
-"""Peak memory of a tiny model's forward pass on a long video: the ViT in one call against the ViT in chunks.
+"""Peak memory of a tiny model's forward pass on a long video: the ViT and connector in one call against both in
+chunks.
 
     python bench/bench_video_memory.py [--frames 96 384] [--chunks 0 16] [--model tiny]
 
@@ -8,8 +9,9 @@ input generated on the device and the forward compiled; then the process's peak-
 (`/proc/self/clear_refs`; `ru_maxrss` cannot be reset, and would keep the compiler's and the input generator's
 peaks) and one jitted forward to logits runs. Reported: the peak RSS during the forward (VmHWM), the input bytes
 (pixels, pooling, tokens; one copy), net = peak - input, net against the same path's at the fewest frames, and
-the rise over the RSS just before the forward. `--chunks 0` is one ViT call (`vit_chunk` null), the reference
-this compares with; other values are `vit_chunk` (crops per device per call).
+the rise over the RSS just before the forward. `--chunks 0` is one ViT and one connector call (`vit_chunk`
+null), the reference this compares with; other values are `vit_chunk` (crops per device per ViT call; the
+connector takes those crops' pooled tokens per call).
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ def worker(model: str, frames: int, chunk: int) -> dict:
     batch = {
         "input_ids": input_ids,
         "mm_token_type_ids": jnp.ones_like(input_ids),
-        "pixel_values_videos": jax.random.uniform(jax.random.key(1), (frames, v.num_patches, v.patch_dim),
+        "pixel_values_videos": jax.random.uniform(jax.random.key(1), (1, frames, v.num_patches, v.patch_dim),
                                                   jnp.float32, -1, 1),
-        "video_token_pooling": jax.random.randint(jax.random.key(2), (frames * per_frame, POOL), 0,
+        "video_token_pooling": jax.random.randint(jax.random.key(2), (1, frames * per_frame, POOL), 0,
                                                   frames * v.num_patches, jnp.int32),
     }
     batch = jax.block_until_ready(batch)
@@ -90,7 +92,7 @@ def main() -> None:
     mib = 2**20
     print(f"{args.model}: one forward to logits in a fresh process, MiB; net = peak - input; rise = peak - RSS "
           "before the forward")
-    print(f"{'ViT':<16} {'frames':>6} {'tokens':>7} {'peak':>8} {'input':>7} {'net':>8} {'net / first':>11} "
+    print(f"{'ViT, connector':<16} {'frames':>6} {'tokens':>7} {'peak':>8} {'input':>7} {'net':>8} {'net / first':>11} "
           f"{'rise':>7} {'forward s':>9}")
     for chunk in args.chunks:
         first = None

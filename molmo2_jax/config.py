@@ -254,7 +254,8 @@ class Molmo2Config:
     attention_block_q: int = 512
     attention_block_kv: int = 512
     # The ViT runs over at most this many crops (images' crops and video frames) per device at a time, a scan
-    # over chunks, each rematerialised in the backward (model/vision.py `encode_in_chunks`); None: one call.
+    # over chunks, each rematerialised in the backward (model/vision.py `encode_in_chunks`), and the connector over
+    # those crops' pooled tokens per device at a time (model/connector.py `pool_in_chunks`); None: one call each.
     vit_chunk: int | None = None
     # "zigzag": when the mesh splits the sequence over `sequence` (S > 1 shards, length a multiple of 2S), the
     # decoder runs on its tokens in zigzag order, so causal attention's work is even across the shards

@@ -1,7 +1,8 @@
-"""The ViT in chunks of crops (`vit_chunk`) against one call over all crops (float32, highest precision): logits and
-the gradients of every parameter, for a Qwen3-style and an Olmo3-style tiny model, on images, a video, an image row
-and a video row padded into one batch, and a packed row; the chunk size is refused when not positive; on a mesh the
-chunk counts crops per device; `generate --video --vit-chunk` end to end."""
+"""The ViT in chunks of crops and the connector in chunks of pooled tokens (`vit_chunk`) against one call over all
+crops and tokens (float32, highest precision): logits, loss and the gradients of every parameter, for a Qwen3-style
+and an Olmo3-style tiny model, on images, a video, an image row and a video row padded into one batch, and a packed
+row; the chunk size is refused when not positive; on a mesh the chunks count crops and tokens per device;
+`generate --video --vit-chunk` end to end."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ import molmo2_jax
 from molmo2_jax.batch import shift_pooling
 from molmo2_jax.cli import main
 from molmo2_jax.config import ConfigError, Molmo2Config, load_preset
+from molmo2_jax.model.connector import chunk_tokens
 from molmo2_jax.training.config import OptimizerConfig, TrainConfig, load_train_config, model_config
 from molmo2_jax.training.step import make_train_step
 
 RTOL = 1e-5
-CHUNK = 4  # crops per call: every case below has more, not a multiple (the last chunk is padded)
+CHUNK = 4  # crops per call: every case below has more, not a multiple (the last chunk is padded); so do its pooled
+# tokens per connector call in every stream
 
 
 def packed_row(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -65,11 +68,16 @@ def _relative(got, want) -> float:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_chunked_vit_gives_the_one_call_logits_and_gradients(models, case):
+def test_chunked_vit_and_connector_give_the_one_call_logits_and_gradients(models, case):
     family, whole, chunked = models
     inputs = CASES[case]()
     crops = sum(inputs[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if k in inputs)
     assert crops > CHUNK and crops % CHUNK  # several chunks, the last one padded
+    for key in ("image_token_pooling", "video_token_pooling"):  # the same for each stream's pooled tokens
+        if key in inputs:
+            rows, tokens, slots = chunked.prepare(inputs)[key].shape
+            chunk = chunk_tokens(chunked.config, rows, slots)
+            assert tokens > chunk and tokens % chunk, f"{case}: {key} {tokens} tokens, chunks of {chunk}"
     assert _relative(chunked(inputs), whole(inputs)) <= RTOL, f"{family}/{case}: logits"
 
     labels = reference_labels(inputs)
@@ -134,14 +142,16 @@ def test_generate_on_a_video_in_chunks_gives_the_same_answer(tmp_path, capsys):
 
 
 def _mesh_worker() -> None:
-    """On 8 simulated devices (fsdp=4, sequence=2): features of 11 crops, chunked and one call, as JSON."""
+    """On 8 simulated devices (fsdp=4, sequence=2), chunked and one call, as JSON: features of 11 crops; the pooled
+    tokens of 4 rows of 3 crops and 11 tokens, and their connector gradients."""
     import jax
+    import jax.numpy as jnp
 
     jax.config.update("jax_num_cpu_devices", 8)
     jax.config.update("jax_default_matmul_precision", "highest")
 
     from molmo2_jax.model.molmo2 import Molmo2
-    from molmo2_jax.params import init_params
+    from molmo2_jax.params import flatten, init_params
     from molmo2_jax.sharding import activate, make_mesh
 
     config = load_preset("tiny", ["vision.image_size=56"])
@@ -156,11 +166,30 @@ def _mesh_worker() -> None:
         out[str(chunk)] = np.asarray(lowered.compile()(params, pixels)).tolist()
         v = config.vision  # 11 crops -> 2 chunks of 8
         out[f"{chunk}_chunked"] = f"tensor<2x8x{v.num_patches}x{v.patch_dim}xf32>" in lowered.as_text()
+
+    rows = jax.random.normal(jax.random.key(2), (4, 3, config.vision.num_patches, config.vision.patch_dim))
+    pooling = jax.random.randint(jax.random.key(3), (4, 11, 4), -1, 3 * config.vision.num_patches)
+    weights = jax.random.normal(jax.random.key(4), (4, 11, config.text.hidden_size))
+
+    def pooled(c, p):
+        tokens = Molmo2(c).apply({"params": p}, rows, pooling, method=Molmo2.visual_tokens)[0][0]
+        return jnp.sum(tokens * weights), tokens
+
+    for chunk in (None, 1):
+        with activate(mesh):
+            lowered = jax.jit(jax.value_and_grad(lambda p, c=config.replace(vit_chunk=chunk): pooled(c, p),
+                                                 has_aux=True)).lower(params)
+        (_, tokens), grads = lowered.compile()(params)
+        out[f"tokens_{chunk}"] = np.asarray(tokens).tolist()
+        out[f"grads_{chunk}"] = {k: np.asarray(g).tolist() for k, g in flatten(grads["connector"]).items()}
+        # 16 patches of 4 slots: 4 tokens per crop, 1 row per device -> 11 tokens in 3 chunks of 4
+        out[f"tokens_{chunk}_chunked"] = "tensor<3x4x4x4xi32>" in lowered.as_text()
     print(json.dumps(out))
 
 
-def test_on_a_mesh_a_chunk_counts_crops_per_device():
-    """1 crop per device on 8 devices (crops split over fsdp and sequence): 11 crops run as 2 chunks of 8."""
+def test_on_a_mesh_a_chunk_counts_crops_and_tokens_per_device():
+    """1 crop per device on 8 devices (crops split over fsdp and sequence): 11 crops run as 2 chunks of 8; the
+    connector (rows split over fsdp) takes one crop's pooled tokens per device and row at a time."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parent.parent), str(Path(__file__).parent)]))
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
@@ -168,6 +197,14 @@ def test_on_a_mesh_a_chunk_counts_crops_per_device():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert _relative(out["1"], out["None"]) <= RTOL
     assert out["1_chunked"] and not out["None_chunked"]
+    assert _relative(out["tokens_1"], out["tokens_None"]) <= RTOL
+    assert out["tokens_1_chunked"] and not out["tokens_None_chunked"]
+    assert set(out["grads_1"]) == set(out["grads_None"])
+    scale = max(float(np.max(np.abs(g))) for g in out["grads_None"].values())
+    for path, g in out["grads_None"].items():  # zero in exact arithmetic: against the largest gradient
+        denominator = scale if f"connector/{path}" in ZERO_GRADIENTS else float(np.max(np.abs(g)))
+        diff = float(np.max(np.abs(np.asarray(out["grads_1"][path]) - np.asarray(g))))
+        assert diff <= RTOL * denominator, f"connector/{path} differs by {diff / denominator:.2e}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.attention import attention
 from molmo2_jax.model.layers import MaskInfo, dense
+from molmo2_jax.model.vision import mesh_devices
 
 
 class Connector(nn.Module):
@@ -50,3 +51,33 @@ class Connector(nn.Module):
         out = dense(a.text_hidden_size, ("mlp", "embed"), use_bias=False, dtype=dtype, param_dtype=pdtype,
                     name="down")(jax.nn.silu(gate) * up)
         return nn.with_logical_constraint(out.reshape(b, t, -1), ("act_batch", "act_visual", "act_embed"))
+
+
+def chunk_tokens(config: Molmo2Config, rows: int, slots: int) -> int | None:
+    """Pooled tokens per row in one connector chunk (None: one call): a device's rows together take the tokens of
+    `vit_chunk` crops (a crop's patches over the window size `slots`), so a chunk's windows hold about as many
+    feature vectors as one ViT chunk's output; one knob bounds both."""
+    if config.vit_chunk is None:
+        return None
+    per_device = config.vit_chunk * -(-config.vision.num_patches // slots)
+    local_rows = -(-rows // mesh_devices("act_batch"))
+    return -(-per_device // local_rows)
+
+
+def pool_in_chunks(connector: Connector, features: jax.Array, pooling_idx: jax.Array) -> jax.Array:
+    """`connector(features, pooling_idx)`, run as a scan over chunks of each row's pooled tokens (`chunk_tokens`),
+    each chunk rematerialised in the backward: only one chunk's windows, keys and values are live at a time, so
+    connector memory stops growing with the token count. The tokens are padded to whole chunks with all -1 rows,
+    whose outputs are dropped."""
+    b, t, slots = pooling_idx.shape
+    chunk = chunk_tokens(connector.config, b, slots)
+    if chunk is None or t <= chunk or connector.is_initializing():
+        return connector(features, pooling_idx)
+    chunks = jnp.pad(pooling_idx, ((0, 0), (0, -t % chunk), (0, 0)), constant_values=-1)
+    chunks = chunks.reshape(b, -1, chunk, slots).swapaxes(0, 1)  # [chunks, B, chunk, K]
+    chunks = nn.with_logical_constraint(chunks, (None, "act_batch", "act_visual", None))
+    body = nn.remat(lambda mdl, carry, feats, idx: (carry, mdl(feats, idx)), prevent_cse=False)
+    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False}, in_axes=(nn.broadcast, 0))
+    _, out = scan(connector, None, features, chunks)  # [chunks, B, chunk, D]
+    out = out.swapaxes(0, 1).reshape(b, -1, out.shape[-1])[:, :t]
+    return nn.with_logical_constraint(out, ("act_batch", "act_visual", "act_embed"))

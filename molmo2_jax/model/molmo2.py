@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from molmo2_jax.batch import patch_streams, shift_pooling
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model import kv_cache, zigzag
-from molmo2_jax.model.connector import Connector
+from molmo2_jax.model.connector import Connector, pool_in_chunks
 from molmo2_jax.model.layers import EMBED_INIT, MaskInfo, fan_in_init, rope_cos_sin, rope_inv_freq
 from molmo2_jax.model.text import Decoder, DecoderLayer, RopeTables, final_norm
 from molmo2_jax.model.vision import VisionTransformer, encode_in_chunks
@@ -66,7 +66,7 @@ class Molmo2(nn.Module):
                 streams.append(None)
                 continue
             pooling = shift_pooling(pooling, offset)
-            streams.append((self.connector(features, pooling), jnp.any(pooling >= 0, axis=-1)))
+            streams.append((pool_in_chunks(self.connector, features, pooling), jnp.any(pooling >= 0, axis=-1)))
         return tuple(streams)
 
     # -- language model -----------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def encode_in_chunks(vision: VisionTransformer, pixels: jax.Array) -> jax.Array:
     chunk = vision.config.vit_chunk
     if chunk is None or vision.is_initializing():
         return vision(pixels)
-    n, devices = pixels.shape[0], _crop_devices()
+    n, devices = pixels.shape[0], mesh_devices("act_crops")
     local = -(-n // devices)  # crops per device (the last devices' slices padded when the axes do not divide n)
     if local <= chunk:
         return vision(pixels)
@@ -123,10 +123,10 @@ def encode_in_chunks(vision: VisionTransformer, pixels: jax.Array) -> jax.Array:
     return features[:, :local].reshape(devices * local, *rest)[:n]
 
 
-def _crop_devices() -> int:
-    """How many devices the active mesh and rules split the ViT's crop axis over (1 outside a mesh)."""
+def mesh_devices(logical: str) -> int:
+    """How many devices the active mesh and rules split the logical axis `logical` over (1 outside a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
-    axes = nn.logical_to_mesh_axes(("act_crops",))[0]
+    axes = nn.logical_to_mesh_axes((logical,))[0]
     if mesh.empty or axes is None:
         return 1
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
