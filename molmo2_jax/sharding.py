@@ -27,8 +27,9 @@ from molmo2_jax.errors import Molmo2Error
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits the params
 # Params are split over fsdp and sequence (FSDP over both: a sequence shard holds no weights of its own to
-# keep whole), and the ViT's crops and the pooled tokens over the batch axes and sequence, so each sequence shard
-# runs the ViT and the connector on its own part of the crops instead of all of them.
+# keep whole), and the ViT's crops over the batch axes and sequence, so each sequence shard runs the ViT on its
+# own part of the crops instead of all of them. The pooled tokens are per row (batch axes only): every sequence
+# shard of a row still runs the connector on all of the row's tokens.
 PARAM_AXES = ("fsdp", "sequence")
 CROP_AXES = (*BATCH_AXES, "sequence")
 
