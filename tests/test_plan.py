@@ -64,3 +64,36 @@ def test_bad_mesh_fails_before_compiling(mesh, devices, message):
     assert lines[-1].startswith("molmo2-jax plan: error: ") and message in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""  # nothing was lowered or compiled
+
+
+def test_plan_counts_the_connector_by_what_it_keeps():
+    """`plan`'s analytic connector term, from abstract shapes (nothing compiles): with `vit_chunk` it keeps the
+    crops' features (fp32 copy and gradient accumulator) and recomputes each chunk of pooled tokens, so it grows
+    with the crops, not the token count; in one call it keeps the windows too, which grow with the tokens. The
+    ViT's features are not counted again among the saved activations."""
+    import jax
+
+    from molmo2_jax.config import load_preset
+    from molmo2_jax.plan import Workload, abstract_batch, estimate
+    from molmo2_jax.sharding import make_mesh
+    from molmo2_jax.training.config import TrainConfig
+    from molmo2_jax.training.step import make_train_step
+
+    mesh = make_mesh({}, jax.devices()[:1])
+
+    def connector(chunk: int | None, crops: int, tokens: int):
+        config = load_preset("tiny", ["dtype=bfloat16", "remat_policy=full"]).replace(vit_chunk=chunk)
+        state = make_train_step(config, TrainConfig(), mesh).abstract_state()
+        work = Workload(2, 4096, crops, tokens, 9)
+        e = estimate(config, mesh, work, {"params": state["params"], "opt_state": state["opt_state"],
+                                          "batch": abstract_batch(config, work)})
+        return e.connector, e.saved_activations
+
+    # tiny: 729 patches per crop, 81 tokens of 9; vit_chunk=2: 2 crops' tokens (162) per device and chunk
+    (chunked, saved), (more_tokens, _) = connector(2, 16, 648), connector(2, 16, 1296)
+    assert chunked == more_tokens  # chunks are recomputed, not kept
+    more_crops, more_saved = connector(2, 32, 648)
+    assert more_crops == 2 * chunked  # the features of twice the crops
+    assert more_saved == saved  # the ViT's features are counted once, in the connector term
+    (one_call, _), (one_call_more, _) = connector(None, 16, 648), connector(None, 16, 1296)
+    assert one_call > chunked and one_call_more - one_call == one_call - chunked  # windows kept, per token
