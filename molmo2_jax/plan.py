@@ -193,6 +193,10 @@ def compile_step(config: Molmo2Config, mesh: Mesh, work: Workload,
 
 
 def _check_workload(config: Molmo2Config, mesh: Mesh, work: Workload) -> None:
+    for flag, value, least in (("--batch", work.batch, 1), ("--seq", work.seq, 1), ("--crops", work.crops, 0),
+                               ("--tokens", work.tokens, 0), ("--pool", work.pool, 1)):
+        if value < least:
+            raise MeshError(f"{flag} must be >= {least}, got {value}")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if work.batch % shards:
         raise MeshError(f"--batch {work.batch} is not divisible by data x fsdp = {shards}")

@@ -1,5 +1,6 @@
 """`molmo2-jax plan`: compiles the real training step of Molmo2-4B with a reduced layer count on 8 simulated
-devices and prints XLA's figures next to the analytic estimate; bad meshes fail before any compilation."""
+devices and prints XLA's figures next to the analytic estimate; bad meshes and workloads fail before any
+compilation; the analytic connector term from shapes."""
 
 from __future__ import annotations
 
@@ -64,6 +65,16 @@ def test_bad_mesh_fails_before_compiling(mesh, devices, message):
     assert lines[-1].startswith("molmo2-jax plan: error: ") and message in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""  # nothing was lowered or compiled
+
+
+@pytest.mark.parametrize("flag,value,least", [("--pool", "0", 1), ("--tokens", "-5", 0), ("--batch", "0", 1)])
+def test_bad_workload_fails_before_compiling(flag, value, least):
+    args = {"--batch": "8", "--seq": "1024", "--crops": "2", "--tokens": "392", "--pool": "4", flag: value}
+    proc = _plan("--model", "molmo2-4b", "--mesh", "fsdp=8", *[x for kv in args.items() for x in kv], *REDUCED,
+                 timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"molmo2-jax plan: error: {flag} must be >= {least}, got {value}"
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_plan_counts_the_connector_by_what_it_keeps():
