@@ -23,8 +23,18 @@ from jax.sharding import AxisType, Mesh
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.errors import Molmo2Error
 from molmo2_jax.model.attention import tile_size, uses_blockwise
+from molmo2_jax.model.connector import chunk_tokens
 from molmo2_jax.params import check_config, flatten, param_shapes
-from molmo2_jax.sharding import MESH_AXES, MeshError, axes_size, check_sequence, describe_mesh, fitting_spec, mesh_shape
+from molmo2_jax.sharding import (
+    MESH_AXES,
+    MeshError,
+    activate,
+    axes_size,
+    check_sequence,
+    describe_mesh,
+    fitting_spec,
+    mesh_shape,
+)
 from molmo2_jax.training.config import TrainConfig
 from molmo2_jax.training.step import make_train_step
 
@@ -183,6 +193,10 @@ def compile_step(config: Molmo2Config, mesh: Mesh, work: Workload,
 
 
 def _check_workload(config: Molmo2Config, mesh: Mesh, work: Workload) -> None:
+    for flag, value, least in (("--batch", work.batch, 1), ("--seq", work.seq, 1), ("--crops", work.crops, 0),
+                               ("--tokens", work.tokens, 0), ("--pool", work.pool, 1)):
+        if value < least:
+            raise MeshError(f"{flag} must be >= {least}, got {value}")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if work.batch % shards:
         raise MeshError(f"--batch {work.batch} is not divisible by data x fsdp = {shards}")
@@ -218,6 +232,7 @@ class Estimate:
     saved_activations: int  # kept across the layer loop for the backward pass
     layer_working_set: int  # one layer's recomputed activations and their gradients
     logits: int  # logits, their softmax and gradient (fp32); with a chunked loss one chunk's, plus the lse kept
+    connector: int  # the ViT features it reads (fp32 copy) and their gradient (one call: its windows too), kept
     largest_gathered_layer: int  # one scanned layer's params gathered over fsdp (plus its gradient)
 
     @property
@@ -287,8 +302,8 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
     saved = L * (carry + layer_bytes(kept_kinds))
     working = 2 * layer_bytes(set(elem_bytes))  # forward recompute + its gradients
     # ViT: crops on the batch axes and `sequence`; same structure, 729 tokens per crop, no mask. The block scan
-    # carries (and saves per block) only the hidden state; the feature layers' outputs are kept once. With
-    # `vit_chunk`, a chunk's blocks live only while it is (re)computed: what stays are the chunks' features.
+    # carries (and saves per block) only the hidden state; its features are kept as the connector's copy (below).
+    # With `vit_chunk`, a chunk's blocks live only while it is (re)computed.
     vit_crops = work.batch * work.crops  # split like the rules' act_crops (where the axes divide it)
     vit_crops //= axes_size(mesh, fitting_spec(mesh, ("act_crops",), (vit_crops,))[0])
     live = vit_crops if config.vit_chunk is None else min(vit_crops, config.vit_chunk)
@@ -298,7 +313,8 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
         + 2 * layer_bytes(set(elem_bytes), _attention_elements(config, live, v.num_patches, v.num_patches, vh,
                                                                v.head_dim))
     vit_blocks = v.num_layers * (live * v.num_patches * v.hidden_size * act + (vit_layer if policy == "none" else 0))
-    saved += vit_crops * v.num_patches * v.hidden_size * act * len(config.adapter.vit_layers)
+    kept, connector_working = _connector_bytes(config, mesh, work, vit_crops)
+    working = max(working, connector_working)
     if live == vit_crops:
         saved += vit_blocks
         working = max(working, 2 * vit_layer)
@@ -319,7 +335,33 @@ def estimate(config: Molmo2Config, mesh: Mesh, work: Workload, abstract: Mapping
     gathered = max(layer, gathered_bytes(flat["embedding"]), gathered_bytes(flat["lm_head"]))
     return Estimate(params=trained + _nbytes(base), grads=trained, opt_state=_nbytes(abstract["opt_state"]),
                     batch=_nbytes(abstract["batch"]), saved_activations=saved, layer_working_set=working,
-                    logits=logits, largest_gathered_layer=(1 if base else 2) * gathered if fsdp > 1 else 0)
+                    logits=logits, connector=kept,
+                    largest_gathered_layer=(1 if base else 2) * gathered if fsdp > 1 else 0)
+
+
+def _connector_bytes(config: Molmo2Config, mesh: Mesh, work: Workload, vit_crops: int) -> tuple[int, int]:
+    """(kept, working set) of the connector, per device, as XLA runs it. Its input, the rows' features
+    `[rows, crops * 729, F * D]`, stays split like the ViT's crops (`vit_crops` per device). Kept across the
+    decoder's backward: those features as the fp32 copy the window gather reads (this, not the ViT's
+    compute-dtype output, is what stays for the backward) and the zeroed accumulator of their gradient (compute
+    dtype). Per chunk of pooled tokens (`chunk_tokens`, split over the batch axes only; one chunk without
+    `vit_chunk`): fp32 and compute-dtype windows, keys, values and the projector, which one call keeps for the
+    backward and chunks recompute; their backward adds one chunk's gradient scattered into a dense fp32 copy of
+    the features."""
+    a, v, act = config.adapter, config.vision, jnp.dtype(config.dtype).itemsize
+    rows = work.batch // (mesh.shape["data"] * mesh.shape["fsdp"])
+    width = v.hidden_size * len(a.vit_layers)
+    features = vit_crops * v.num_patches * width
+    with activate(mesh):
+        chunk = chunk_tokens(config, work.batch, work.pool)
+    tokens = rows * min(work.tokens, chunk or work.tokens)
+    heads = a.num_heads // mesh.shape["tensor"]
+    windows = tokens * (work.pool * width * (4 + act) + width * act  # fp32 and masked windows, query
+                        + heads * a.head_dim * (1 + 2 * work.pool) * act + heads * work.pool * 4 * 2  # q, k, v, attn
+                        + (a.hidden_size + 3 * a.intermediate_size // mesh.shape["tensor"] + a.text_hidden_size)
+                        * act)  # pooled, gate, up, silu * up, down
+    kept = features * (4 + act) + (windows if chunk is None or work.tokens <= chunk else 0)
+    return kept, 2 * windows + features * 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,7 +433,7 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
     e: Estimate = result["estimate"]
     v = config.vision
     g = lambda n: f"{n / GiB:8.2f}"
-    temps = e.grads + e.saved_activations + e.layer_working_set + e.logits + e.largest_gathered_layer
+    temps = e.grads + e.saved_activations + e.layer_working_set + e.logits + e.connector + e.largest_gathered_layer
     lora = train.lora if train is not None and train.lora.enabled else None
     trained = (f"LoRA rank {lora.rank} on {lora.targets} (adapters float32, base frozen in {config.dtype})"
                if lora else "params float32")
@@ -414,7 +456,8 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
         f"aliased to donated arguments)",
         f"  temporaries     {g(c.temp_bytes)}  {g(temps)}  grads {g(e.grads).strip()} + saved activations "
         f"{g(e.saved_activations).strip()} + one layer's working set {g(e.layer_working_set).strip()} + logits "
-        f"{g(e.logits).strip()} + gathered layer {g(e.largest_gathered_layer).strip()}",
+        f"{g(e.logits).strip()} + connector {g(e.connector).strip()} + gathered layer "
+        f"{g(e.largest_gathered_layer).strip()}",
         f"  peak            {g(c.peak_bytes)}  {g(e.total)}",
         "",
         f"FLOPs per step: analytic {result['model_flops']:.3e} total, {result['model_flops'] / mesh.size:.3e} per "

@@ -1,5 +1,6 @@
 """`molmo2-jax plan`: compiles the real training step of Molmo2-4B with a reduced layer count on 8 simulated
-devices and prints XLA's figures next to the analytic estimate; bad meshes fail before any compilation."""
+devices and prints XLA's figures next to the analytic estimate; bad meshes and workloads fail before any
+compilation; the analytic connector term from shapes."""
 
 from __future__ import annotations
 
@@ -64,3 +65,46 @@ def test_bad_mesh_fails_before_compiling(mesh, devices, message):
     assert lines[-1].startswith("molmo2-jax plan: error: ") and message in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""  # nothing was lowered or compiled
+
+
+@pytest.mark.parametrize("flag,value,least", [("--pool", "0", 1), ("--tokens", "-5", 0), ("--batch", "0", 1)])
+def test_bad_workload_fails_before_compiling(flag, value, least):
+    args = {"--batch": "8", "--seq": "1024", "--crops": "2", "--tokens": "392", "--pool": "4", flag: value}
+    proc = _plan("--model", "molmo2-4b", "--mesh", "fsdp=8", *[x for kv in args.items() for x in kv], *REDUCED,
+                 timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"molmo2-jax plan: error: {flag} must be >= {least}, got {value}"
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_plan_counts_the_connector_by_what_it_keeps():
+    """`plan`'s analytic connector term, from abstract shapes (nothing compiles): with `vit_chunk` it keeps the
+    crops' features (fp32 copy and gradient accumulator) and recomputes each chunk of pooled tokens, so it grows
+    with the crops, not the token count; in one call it keeps the windows too, which grow with the tokens. The
+    ViT's features are not counted again among the saved activations."""
+    import jax
+
+    from molmo2_jax.config import load_preset
+    from molmo2_jax.plan import Workload, abstract_batch, estimate
+    from molmo2_jax.sharding import make_mesh
+    from molmo2_jax.training.config import TrainConfig
+    from molmo2_jax.training.step import make_train_step
+
+    mesh = make_mesh({}, jax.devices()[:1])
+
+    def connector(chunk: int | None, crops: int, tokens: int):
+        config = load_preset("tiny", ["dtype=bfloat16", "remat_policy=full"]).replace(vit_chunk=chunk)
+        state = make_train_step(config, TrainConfig(), mesh).abstract_state()
+        work = Workload(2, 4096, crops, tokens, 9)
+        e = estimate(config, mesh, work, {"params": state["params"], "opt_state": state["opt_state"],
+                                          "batch": abstract_batch(config, work)})
+        return e.connector, e.saved_activations
+
+    # tiny: 729 patches per crop, 81 tokens of 9; vit_chunk=2: 2 crops' tokens (162) per device and chunk
+    (chunked, saved), (more_tokens, _) = connector(2, 16, 648), connector(2, 16, 1296)
+    assert chunked == more_tokens  # chunks are recomputed, not kept
+    more_crops, more_saved = connector(2, 32, 648)
+    assert more_crops == 2 * chunked  # the features of twice the crops
+    assert more_saved == saved  # the ViT's features are counted once, in the connector term
+    (one_call, _), (one_call_more, _) = connector(None, 16, 648), connector(None, 16, 1296)
+    assert one_call > chunked and one_call_more - one_call == one_call - chunked  # windows kept, per token

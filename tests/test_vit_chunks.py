@@ -1,13 +1,16 @@
 """The ViT in chunks of crops and the connector in chunks of pooled tokens (`vit_chunk`) against one call over all
 crops and tokens (float32, highest precision): logits, loss and the gradients of every parameter, for a Qwen3-style
 and an Olmo3-style tiny model, on images, a video, an image row and a video row padded into one batch, and a packed
-row; the chunk size is refused when not positive; on a mesh the chunks count crops and tokens per device;
+row; the chunk size is refused when not positive; on a mesh the chunks count crops and tokens per device, and no
+device gathers the ViT features of crops it does not hold;
 `generate --video --vit-chunk` end to end."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,9 +144,16 @@ def test_generate_on_a_video_in_chunks_gives_the_same_answer(tmp_path, capsys):
     assert err.strip() == "molmo2-jax generate: error: --vit-chunk must be >= 1 (crops per ViT call), got 0"
 
 
+def _gathered_shapes(hlo: str) -> list[list[int]]:
+    """The result shape of every all-gather in a compiled program's HLO text."""
+    results = re.findall(r"= (.*?) all-gather(?:-start)?\(", hlo)  # `%name = f32[2,16]{1,0} all-gather(...`
+    return [[int(d) for d in dims.split(",") if d] for r in results for dims in re.findall(r"\w\[([\d,]*)\]", r)]
+
+
 def _mesh_worker() -> None:
     """On 8 simulated devices (fsdp=4, sequence=2), chunked and one call, as JSON: features of 11 crops; the pooled
-    tokens of 4 rows of 3 crops and 11 tokens, and their connector gradients."""
+    tokens of 4 rows of 3 crops and 11 tokens, and their connector gradients. Then on fsdp=8, the all-gathers of a
+    chunked ViT and connector's gradient program over 8 rows of 4 crops."""
     import jax
     import jax.numpy as jnp
 
@@ -184,17 +194,35 @@ def _mesh_worker() -> None:
         out[f"grads_{chunk}"] = {k: np.asarray(g).tolist() for k, g in flatten(grads["connector"]).items()}
         # 16 patches of 4 slots: 4 tokens per crop, 1 row per device -> 11 tokens in 3 chunks of 4
         out[f"tokens_{chunk}_chunked"] = "tensor<3x4x4x4xi32>" in lowered.as_text()
+
+    # 8 rows of 4 crops on fsdp=8 (a row per device), 2 crops per chunk: 2 chunks of 16 crops
+    mesh = make_mesh({"fsdp": 8})
+    config = config.replace(vit_chunk=2)
+    params = init_params(config, 0, mesh)
+    pixels = jax.ShapeDtypeStruct((8, 4, config.vision.num_patches, config.vision.patch_dim), jnp.float32)
+    pooling = jax.ShapeDtypeStruct((8, 8, 4), jnp.int32)
+    loss = lambda p, x, i: jnp.sum(Molmo2(config).apply({"params": p}, x, i, method=Molmo2.visual_tokens)[0][0])
+    with activate(mesh):
+        lowered = jax.jit(jax.grad(loss)).lower(params, pixels, pooling)
+    out["batch_chunked"] = f"tensor<2x16x{v.num_patches}x{v.patch_dim}xf32>" in lowered.as_text()
+    out["gathered"] = _gathered_shapes(lowered.compile().as_text())
     print(json.dumps(out))
 
 
-def test_on_a_mesh_a_chunk_counts_crops_and_tokens_per_device():
-    """1 crop per device on 8 devices (crops split over fsdp and sequence): 11 crops run as 2 chunks of 8; the
-    connector (rows split over fsdp) takes one crop's pooled tokens per device and row at a time."""
+@pytest.fixture(scope="module")
+def mesh_run() -> dict:
+    """`_mesh_worker`'s results (a subprocess on 8 simulated devices)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parent.parent), str(Path(__file__).parent)]))
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_on_a_mesh_a_chunk_counts_crops_and_tokens_per_device(mesh_run):
+    """1 crop per device on 8 devices (crops split over fsdp and sequence): 11 crops run as 2 chunks of 8; the
+    connector (rows split over fsdp) takes one crop's pooled tokens per device and row at a time."""
+    out = mesh_run
     assert _relative(out["1"], out["None"]) <= RTOL
     assert out["1_chunked"] and not out["None_chunked"]
     assert _relative(out["tokens_1"], out["tokens_None"]) <= RTOL
@@ -205,6 +233,19 @@ def test_on_a_mesh_a_chunk_counts_crops_and_tokens_per_device():
         denominator = scale if f"connector/{path}" in ZERO_GRADIENTS else float(np.max(np.abs(g)))
         diff = float(np.max(np.abs(np.asarray(out["grads_1"][path]) - np.asarray(g))))
         assert diff <= RTOL * denominator, f"connector/{path} differs by {diff / denominator:.2e}"
+
+
+def test_chunks_of_a_batch_sharded_vit_stay_on_their_devices(mesh_run):
+    """Each chunk takes 2 crops of every device's own row, so no device gathers other rows' ViT features (or their
+    gradients). Chunks of the global crop axis (crops 0-15, then 16-31: each on 4 of the 8 devices) made XLA
+    all-gather the stacked features of the whole batch onto every device."""
+    config = load_preset("tiny", ["vision.image_size=56"])
+    width = config.vision.hidden_size * len(config.adapter.vit_layers)  # F * D, the features' last axis
+    one_device = 4 * config.vision.num_patches * width  # one row of 4 crops
+    assert mesh_run["batch_chunked"]
+    assert mesh_run["gathered"], "no all-gather at all: the program is not the one under test"
+    too_big = [s for s in mesh_run["gathered"] if s[-1] == width and math.prod(s) > one_device]
+    assert not too_big, f"all-gathers of more than one device's ViT features: {too_big}"
 
 
 if __name__ == "__main__":
