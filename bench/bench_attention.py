@@ -5,6 +5,12 @@ users call (prefill, generate, train step, against the reference) is timed by be
 
     python bench/bench_attention.py [--lengths 512,2048,8192] [--heads 8] [--kv-heads 2] [--head-dim 64]
                                     [--block 512] [--repeats 3]
+    python bench/bench_attention.py --vit 5,729,6,64 [--block 512] [--repeats 13]
+
+--vit CROPS,PATCHES,HEADS,HEAD_DIM: only the ViT's unmasked attention at that shape (5,729,6,64: bench/bench_api.py's
+65m model on one 640x480 image), blockwise forward against torch's `scaled_dot_product_attention` on the same
+inputs, calls alternating; wall and process CPU time (min and median), ratios SDPA / ours (> 1: ours faster).
+CPU time is the steadier figure on a shared machine.
 
 The decoder layout is one example per row: a 32-token prompt, then visual tokens (the bidirectional block) over
 the first half of the sequence, then text. The ratio column is dense time / blockwise time (> 1: blockwise wins).
@@ -79,6 +85,36 @@ def compare(name: str, q, k, v, mask: MaskInfo | None, block: int, repeats: int)
               f"{mb / 2**20:8.1f} MiB | ratio {td / tb:5.2f}", flush=True)
 
 
+def vit_against_sdpa(shape: tuple[int, ...], block: int, repeats: int) -> None:
+    import torch
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+    ours = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, None, block_q=block, block_kv=block))
+    jq, jk, jv = (jnp.asarray(x) for x in (q, k, v))
+    tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (q, k, v))
+    calls = {"ours": lambda: jax.block_until_ready(ours(jq, jk, jv)),
+             "SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)}
+    out = np.asarray(calls["ours"]())
+    with torch.inference_mode():
+        diff = np.abs(out - calls["SDPA"]().transpose(1, 2).numpy()).max()
+        times = {name: ([], []) for name in calls}
+        for _ in range(repeats):
+            for name, call in calls.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                call()
+                times[name][0].append(time.perf_counter() - wall)
+                times[name][1].append(time.process_time() - cpu)
+    print(f"ViT attention {list(shape)}, no mask, block {block}, torch {torch.get_num_threads()} threads, "
+          f"max |ours - SDPA| {diff:.1e}")
+    for name, (wall, cpu) in times.items():
+        print(f"  {name:5s} wall min {min(wall) * 1e3:7.1f} median {statistics.median(wall) * 1e3:7.1f} ms | "
+              f"CPU min {min(cpu) * 1e3:7.1f} median {statistics.median(cpu) * 1e3:7.1f} ms")
+    (ow, oc), (sw, sc) = times["ours"], times["SDPA"]
+    print(f"  SDPA / ours: wall {min(sw) / min(ow):.2f} (min) {statistics.median(sw) / statistics.median(ow):.2f} "
+          f"(median), CPU {min(sc) / min(oc):.2f} (min) {statistics.median(sc) / statistics.median(oc):.2f} (median)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,1024,2048,8192")
@@ -88,7 +124,16 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-vit", action="store_true")
+    parser.add_argument("--vit", metavar="CROPS,PATCHES,HEADS,HEAD_DIM",
+                        help="only the ViT attention at this shape against torch SDPA")
     args = parser.parse_args()
+    if args.vit:
+        parts = args.vit.split(",")
+        if len(parts) != 4 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            parser.error(f"--vit {args.vit}: give four positive integers CROPS,PATCHES,HEADS,HEAD_DIM, e.g. 5,729,6,64")
+        shape = tuple(map(int, parts))
+        vit_against_sdpa(shape, args.block, args.repeats)
+        return
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
     h, kv, d = args.heads, args.kv_heads, args.head_dim

@@ -22,7 +22,7 @@ from jax.sharding import AxisType, Mesh
 
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.errors import Molmo2Error
-from molmo2_jax.model.attention import tile_size, uses_blockwise
+from molmo2_jax.model.attention import tile_shape, tile_size, uses_blockwise
 from molmo2_jax.model.connector import chunk_tokens
 from molmo2_jax.params import check_config, flatten, param_shapes
 from molmo2_jax.sharding import (
@@ -252,6 +252,11 @@ def _attention_elements(config: Molmo2Config, batch: int, queries: int, keys: in
             (batch * heads * queries * head_dim, "tile32")]
 
 
+def _tiles(config: Molmo2Config, queries: int, keys: int, masked: bool) -> tuple[int, int]:
+    """The blockwise path's tile rows (unmasked: the ViT, whose heads are not grouped)."""
+    return tile_shape(queries, keys, 1, config.attention_block_q, config.attention_block_kv, masked)
+
+
 def attention_pairs(config: Molmo2Config, length: int, visual: int | None) -> int:
     """(query, key) pairs one head's attention over a sequence of `length` computes: all `length**2` on the dense
     path; on the blockwise path the area of the tiles it visits (padded rows included). `visual=None`: no mask
@@ -259,7 +264,7 @@ def attention_pairs(config: Molmo2Config, length: int, visual: int | None) -> in
     tile visits key tiles up to the last one holding an allowed pair)."""
     if not uses_blockwise(config.attention, length):
         return length * length
-    bq, bk = tile_size(length, config.attention_block_q), tile_size(length, config.attention_block_kv)
+    bq, bk = _tiles(config, length, length, visual is not None)
     q_start = np.arange(0, length, bq)[:, None]
     k_start = np.arange(0, length, bk)[None, :]
     visited = np.ones((len(q_start), k_start.shape[1]), bool) if visual is None else (
@@ -411,7 +416,7 @@ def _path(config: Molmo2Config, length: int, visual: int | None) -> str:
 
         bq, bk = tile_rows(length, config.attention_block_q), tile_rows(length, config.attention_block_kv)
         return f"Pallas kernel ({bq} x {bk} tiles; memory and FLOPs counted as blockwise)"
-    bq, bk = tile_size(length, config.attention_block_q), tile_size(length, config.attention_block_kv)
+    bq, bk = _tiles(config, length, length, visual is not None)
     return (f"blockwise ({bq} x {bk} tiles, {attention_pairs(config, length, visual) / length**2:.0%} of the "
             f"[T, S] square)")
 

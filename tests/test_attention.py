@@ -18,6 +18,7 @@ from batches import mixed_batch, olmo3, rel_diff
 
 from molmo2_jax.config import ConfigError, load_preset
 from molmo2_jax.data.packing import MODEL_KEYS
+from molmo2_jax.model import attention
 from molmo2_jax.model.attention import blockwise_attention, tile_ranges, tile_size, uses_blockwise
 from molmo2_jax.model.layers import MaskInfo, dot_product_attention
 from molmo2_jax.model.molmo2 import Molmo2
@@ -113,13 +114,17 @@ def test_rows_with_no_allowed_key_are_zero_with_zero_gradients():
     assert np.all(np.asarray(dk)[pad] == 0) and np.all(np.asarray(dv)[pad] == 0)  # padded keys: no gradient
 
 
-def test_vit_and_connector_shapes():
-    """No mask (ViT: two crops of 729 patches, tiles of 368) and the connector's one query over a window of 9
-    slots, some empty and one window wholly empty."""
-    q, k, v, cot = _qkv(729, 729, 4, 4, batch=2)
-    diffs = _compare(q, k, v, cot, None, 512, 512)
-    print("vit", diffs)
-    assert max(diffs.values()) <= RTOL, diffs
+def test_vit_and_connector_shapes(monkeypatch):
+    """No mask (ViT: two crops of 729 patches as one tile; as tiles of 368, padded keys masked; 64 keys in tiles
+    of 16, none padded, no mask built) and the connector's one query over a window of 9 slots, some empty and one
+    window wholly empty."""
+    vit, small = _qkv(729, 729, 4, 4, batch=2), _qkv(64, 64, 4, 2)
+    assert attention.tile_shape(729, 729, 1, 512, 512, masked=False) == (729, 729)
+    for budget, block, args in ((attention.ONE_TILE_ELEMENTS, 512, vit), (0, 512, vit), (0, 16, small)):
+        monkeypatch.setattr(attention, "ONE_TILE_ELEMENTS", budget)
+        diffs = _compare(*args, None, block, block)
+        print(f"vit {args[0].shape[1]} keys, blocks {block}, one-tile budget {budget}:", diffs)
+        assert max(diffs.values()) <= RTOL, diffs
     valid = np.random.default_rng(1).random((6, 9)) < 0.6
     valid[0], valid[1] = False, True
     ones, zeros = np.ones((6, 1), np.int32), np.zeros((6, 9), np.int32)
@@ -136,6 +141,10 @@ def test_tiles_are_balanced_and_padding_is_small():
     assert tile_size(37, 16) == 16  # three tiles, 11 padded rows
     assert tile_size(1, 512) == 1  # a decode step is not padded to a tile
     assert tile_size(8192, 512) == 512
+    # masked attention keeps its tiles (they skip what the mask rules out); unmasked takes one tile where it fits
+    assert attention.tile_shape(729, 729, 1, 512, 512) == (368, 368)
+    assert attention.tile_shape(1, 8192, 4, 512, 512) == (1, 512)
+    assert attention.tile_shape(2048, 2048, 1, 512, 512, masked=False) == (512, 512)
     assert uses_blockwise("auto", 729) and uses_blockwise("auto", 8192) and uses_blockwise("blockwise", 9)
     assert not uses_blockwise("auto", 9)  # the connector's pooling windows
     assert not uses_blockwise("dense", 8192)

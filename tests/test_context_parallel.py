@@ -91,8 +91,9 @@ def _record_local_slots(attention_module, jax):
     kernel = attention_module.blockwise_attention
 
     def recording(q, k, v, mask, **kw):
-        jax.debug.callback(lambda *a: records.append(tuple(map(np.asarray, a))),
-                           jax.lax.axis_index("sequence"), mask.q_idx[0], mask.k_idx[0])
+        if mask is not None:  # the ViT's calls come without one
+            jax.debug.callback(lambda *a: records.append(tuple(map(np.asarray, a))),
+                               jax.lax.axis_index("sequence"), mask.q_idx[0], mask.k_idx[0])
         return kernel(q, k, v, mask, **kw)
 
     attention_module.blockwise_attention = recording

@@ -56,7 +56,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, c
 
 
 def every_key(q: jax.Array, k: jax.Array) -> MaskInfo:
-    """Mask vectors allowing every key (one segment, no order): the ViT's attention."""
+    """Mask vectors allowing every key (one segment, every pair visual): the ViT's attention."""
     ones_q, ones_k = jnp.ones(q.shape[:2], jnp.int32), jnp.ones(k.shape[:2], jnp.int32)
     return MaskInfo(ones_q, ones_q, ones_q.astype(bool), ones_k, ones_k, ones_k.astype(bool))
 
@@ -74,7 +74,6 @@ def per_device(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo 
     so a query tile's allowed key tiles stay one contiguous range.
     """
     rows, length = ("act_crops", "act_patches") if mask is None else ("act_batch", "act_length")
-    mask = every_key(q, k) if mask is None else mask
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return attend(q, k, v, mask)
@@ -87,19 +86,21 @@ def per_device(attend, q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo 
         q_spec, kv_spec = (PartitionSpec(*x[:2], None, None) for x in (q_spec, kv_spec))
     q_vec, k_vec = PartitionSpec(*q_spec[:2]), PartitionSpec(*kv_spec[:2])
 
-    def local(q, k, v, mask):
+    def local(q, k, v, *vecs):  # vecs: (mask,) or () for None
+        mask = vecs[0] if vecs else None
         if split:
             def gather(x):
                 x = jax.lax.all_gather(x, axis, axis=1, tiled=True)
                 return zigzag.natural_keys(x, zigzag_shards) if zigzag_shards else x
 
             k, v = gather(k), gather(v)
-            mask = mask._replace(k_seg=gather(mask.k_seg), k_idx=gather(mask.k_idx), k_mm=gather(mask.k_mm))
+            if mask is not None:
+                mask = mask._replace(k_seg=gather(mask.k_seg), k_idx=gather(mask.k_idx), k_mm=gather(mask.k_mm))
         return attend(q, k, v, mask)
 
-    mask_spec = MaskInfo(q_vec, q_vec, q_vec, k_vec, k_vec, k_vec)
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v, mask)
+    vecs, vec_specs = ((), ()) if mask is None else ((mask,), (MaskInfo(q_vec, q_vec, q_vec, k_vec, k_vec, k_vec),))
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, *vec_specs), out_specs=q_spec,
+                         check_vma=False)(q, k, v, *vecs)
 
 
 def tile_size(length: int, block: int) -> int:
@@ -110,64 +111,106 @@ def tile_size(length: int, block: int) -> int:
     return min(length, -(-even // 8) * 8)
 
 
+# Largest `[group * T, S]` fp32 logits of one (batch row, KV head) pair that unmasked attention (the ViT's)
+# computes as a single tile, whatever the blocks. Without a mask no tile is ever skipped, so tiles only bound the
+# logits' size, and one tile runs no online softmax (no rescaling, no loop over key tiles) and pads nothing.
+# Measured on XLA:CPU (one process, CPU time, min of 13): the ViT's `[5, 729, 6, 64]` in one 729 x 729 tile (2 MiB
+# of logits, in L3) 63 ms against 82 ms as 2 x 2 tiles of 368 (blocks 512), torch SDPA 63 ms; `[5, 1024, 6, 64]`
+# as one tile 117 ms against 139 ms as 2 x 2 tiles of 512. Masked attention keeps its tiles: they let it skip
+# what the mask rules out (causal halves, the empty end of a cache).
+ONE_TILE_ELEMENTS = 1024 * 1024
+
+
+def tile_shape(queries: int, keys: int, group: int, block_q: int, block_kv: int,
+               masked: bool = True) -> tuple[int, int]:
+    """(query tile, key tile) rows for `queries` x `keys` attention with `group` query heads per KV head: both
+    whole when unmasked and their logits fit `ONE_TILE_ELEMENTS`, else `tile_size` of each with its block."""
+    if not masked and group * queries * keys <= ONE_TILE_ELEMENTS:
+        return queries, keys
+    return tile_size(queries, block_q), tile_size(keys, block_kv)
+
+
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo | None, *, block_q: int,
                         block_kv: int) -> jax.Array:
-    """Same result as `dot_product_attention(q, k, v, mask.allowed())` (zeros for rows with no allowed key)."""
+    """Same result as `dot_product_attention(q, k, v, mask.allowed())` (zeros for rows with no allowed key).
+    mask None: every key allowed, and no mask is built where no key is padded."""
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
-    if mask is None:  # every real key allowed: one segment, no order
-        ones, zeros = jnp.ones((1, t), jnp.int32), jnp.zeros((1, t), jnp.int32)
-        k_ones, k_zeros = jnp.ones((1, s), jnp.int32), jnp.zeros((1, s), jnp.int32)
-        mask = MaskInfo(ones, zeros, zeros.astype(bool), k_ones, k_zeros, k_zeros.astype(bool))
-    bq, bk = tile_size(t, block_q), tile_size(s, block_kv)
+    group = h // kv
+    bq, bk = tile_shape(t, s, group, block_q, block_kv, masked=mask is not None)
     nq, nk = -(-t // bq), -(-s // bk)
 
-    def tiles(x, n, tile, fill):  # [B', L, ...] -> [n, B', tile, ...], padded with `fill`
+    def tiles(x, n, tile, fill):  # [B', L, ...] -> [B', n, tile, ...], padded with `fill`
         x = jnp.pad(x, [(0, 0), (0, n * tile - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.moveaxis(x.reshape(x.shape[0], n, tile, *x.shape[2:]), 1, 0)
+        return x.reshape(x.shape[0], n, tile, *x.shape[2:])
 
+    if mask is None and s % bk:  # padded keys must be masked (vectors of one row, shared by all)
+        mask = every_key(q[:1], k[:1])
     # Padded queries get segment -1 and padded keys segment 0: neither is allowed anything.
-    q_vecs = (tiles(mask.q_seg, nq, bq, -1), tiles(mask.q_idx, nq, bq, 0), tiles(mask.q_mm, nq, bq, False))
-    k_vecs = (tiles(mask.k_seg, nk, bk, 0), tiles(mask.k_idx, nk, bk, 0), tiles(mask.k_mm, nk, bk, False))
-    # q [B, T, H, D] -> [nq, B, KV, group * bq, D]: row g * bq + i of a tile is query i under head g of the group
-    qt = tiles(q.reshape(b, t, kv, h // kv, d), nq, bq, 0)  # [nq, B, bq, KV, G, D]
-    qt = qt.transpose(0, 1, 3, 4, 2, 5).reshape(nq, b, kv, h // kv * bq, d)
-    kt, vt = (tiles(x, nk, bk, 0).transpose(0, 1, 3, 2, 4) for x in (k, v))  # [nk, B, KV, bk, D]
+    q_vecs = None if mask is None else (
+        tiles(mask.q_seg, nq, bq, -1), tiles(mask.q_idx, nq, bq, 0), tiles(mask.q_mm, nq, bq, False))
+    k_vecs = None if mask is None else (
+        tiles(mask.k_seg, nk, bk, 0), tiles(mask.k_idx, nk, bk, 0), tiles(mask.k_mm, nk, bk, False))
+    # q [B, T, H, D] -> [B, KV, nq, group * bq, D]: row g * bq + i of a tile is query i under head g of the group
+    qt = tiles(q.reshape(b, t, kv, group, d), nq, bq, 0).transpose(0, 3, 1, 4, 2, 5).reshape(b, kv, nq, -1, d)
+    kt, vt = (tiles(x, nk, bk, 0).transpose(0, 3, 1, 2, 4) for x in (k, v))  # [B, KV, nk, bk, D]
     if t == 1:  # a decode step: one pass whose tile products are batched over B and the KV heads
-        out = _flash(qt, kt, vt, q_vecs, k_vecs, tile_ranges(q_vecs, k_vecs))
+        lead = lambda x: jnp.moveaxis(x, 2, 0)  # tiles first: [n, B, KV, ...]
+        vecs = lambda x: None if x is None else tuple(jnp.moveaxis(y, 1, 0) for y in x)
+        out = jnp.moveaxis(_flash(lead(qt), lead(kt), lead(vt), vecs(q_vecs), vecs(k_vecs),
+                                  _ranges(vecs(q_vecs), vecs(k_vecs), nq, nk), group), 0, 2)
     else:
-        out = _per_pair(qt, kt, vt, q_vecs, k_vecs)
-    out = out.reshape(nq, b, kv, h // kv, bq, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, h, d)
+        out = _per_pair(qt, kt, vt, q_vecs, k_vecs, group)
+    out = out.reshape(b, kv, nq, group, bq, d).transpose(0, 2, 4, 1, 3, 5).reshape(b, nq * bq, h, d)
     return out[:, :t]
 
 
-def _per_pair(qt, kt, vt, q_vecs, k_vecs) -> jax.Array:
+def _per_pair(qt, kt, vt, q_vecs, k_vecs, group: int) -> jax.Array:
     """`_flash` run by a loop over the (batch row, KV head) pairs, each with plain 2-D tile products: on XLA:CPU
     this is 3-8x faster than products batched over B and KV (bench/bench_attention.py), whose operands and
-    `[B, KV, Q, bk]` logits stream through memory instead of staying in cache. Its ranges are the pair's own."""
-    nq, b, kv = qt.shape[:3]
+    `[B, KV, Q, bk]` logits stream through memory instead of staying in cache. Its ranges are the pair's own.
+
+    q `[B, KV, nq, Q, D]`, k/v `[B, KV, nk, bk, D]`, vectors `[B' (B or 1), n, tile]` -> out like q."""
+    b, kv, nq = qt.shape[:3]
+    nk = kt.shape[2]
 
     def pair(args):
-        qp, kp, vp, qv, kv_ = args
-        (qp, kp, vp), qv, kv_ = ((x[:, None, None] for x in (qp, kp, vp)), tuple(x[:, None] for x in qv),
-                                 tuple(x[:, None] for x in kv_))
-        return _flash(qp, kp, vp, qv, kv_, tile_ranges(qv, kv_))[:, 0, 0]
+        qp, kp, vp, qv, kv_ = args  # q [nq * Q, D], k/v [nk * bk, D], vectors [n, tile]
+        if qv is not None:
+            qv, kv_ = tuple(x[:, None] for x in qv), tuple(x[:, None] for x in kv_)
+        qp, kp, vp = (x.reshape(n, 1, 1, -1, x.shape[-1]) for x, n in ((qp, nq), (kp, nk), (vp, nk)))
+        return _flash(qp, kp, vp, qv, kv_, _ranges(qv, kv_, nq, nk), group).reshape(-1, qp.shape[-1])
 
-    fold = lambda x: jnp.moveaxis(x.reshape(x.shape[0], b * kv, *x.shape[3:]), 1, 0)  # [n, B, KV, ..] -> [B*KV, n, ..]
-    # mask vectors [n, B' (B or 1), tile] -> [B*KV, n, tile]
-    per_head = lambda vecs: tuple(fold(jnp.broadcast_to(x[:, :, None], (x.shape[0], b, kv, x.shape[2]))) for x in vecs)
-    out = jax.lax.map(pair, (fold(qt), fold(kt), fold(vt), per_head(q_vecs), per_head(k_vecs)))
-    return jnp.moveaxis(out, 0, 1).reshape(nq, b, kv, *out.shape[2:])
+    # tiles flattened into the rows: a `[B*KV, 1, ...]` loop input of one tile got a transposed layout on XLA:CPU
+    # (then copied again for the loop)
+    fold = lambda x: x.reshape(b * kv, -1, x.shape[-1])
+    per_pair = lambda vecs: None if vecs is None else tuple(  # [B', n, tile] -> [B*KV, n, tile]
+        jnp.broadcast_to(x[:, None], (b, kv, *x.shape[1:])).reshape(b * kv, *x.shape[1:]) for x in vecs)
+    out = jax.lax.map(pair, (fold(qt), fold(kt), fold(vt), per_pair(q_vecs), per_pair(k_vecs)))
+    return out.reshape(qt.shape)
 
 
-def _tile_mask(q_vecs, k_vecs, group: int) -> jax.Array:
-    """Allowed `[B', 1, group * bq, bk]` for one tile pair, rows ordered like the folded query rows."""
+def _tile_mask(q_vecs, k_vecs, group: int) -> jax.Array | None:
+    """Allowed `[B', 1, group * bq, bk]` for one tile pair, rows ordered like the folded query rows (None: no
+    vectors, every pair allowed)."""
+    if q_vecs is None:
+        return None
     allowed = MaskInfo(*q_vecs, *k_vecs).allowed()  # [B', 1, bq, bk]
     return jnp.tile(allowed, (1, 1, group, 1))
 
 
 def _logits(q, k):
-    return jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    """Scaled fp32 logits; the scale goes on q (`[Q, D]`), not on the `[Q, bk]` logits: one pass fewer over them."""
+    return jnp.einsum("bkqd,bksd->bkqs", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
+                      preferred_element_type=jnp.float32)
+
+
+def _ranges(q_vecs, k_vecs, nq: int, nk: int) -> tuple[jax.Array, ...]:
+    """`tile_ranges`, or every one of the `nq` query and `nk` key tiles when there are no vectors."""
+    if q_vecs is None:
+        return (jnp.zeros(nq, jnp.int32), jnp.full(nq, nk, jnp.int32), jnp.zeros(nk, jnp.int32),
+                jnp.full(nk, nq, jnp.int32))
+    return tile_ranges(q_vecs, k_vecs)
 
 
 def tile_ranges(q_vecs, k_vecs) -> tuple[jax.Array, ...]:
@@ -194,54 +237,64 @@ def tile_ranges(q_vecs, k_vecs) -> tuple[jax.Array, ...]:
     return (*bounds(possible), *bounds(possible.T))
 
 
-@jax.custom_vjp
-def _flash(q, k, v, q_vecs, k_vecs, ranges):
-    return _flash_forward(q, k, v, q_vecs, k_vecs, ranges)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, q_vecs, k_vecs, ranges, group):
+    return _flash_forward(q, k, v, q_vecs, k_vecs, ranges, group)[0]
 
 
-def _flash_forward(q, k, v, q_vecs, k_vecs, ranges):
+def _masked_logits(q_t, k_t, q_vecs, k_vecs, group):
+    """fp32 logits of a tile pair, -inf where the vectors (None: every pair allowed) rule a pair out."""
+    s, allowed = _logits(q_t, k_t), _tile_mask(q_vecs, k_vecs, group)
+    return s if allowed is None else jnp.where(allowed, s, -jnp.inf)
+
+
+def _flash_forward(q, k, v, q_vecs, k_vecs, ranges, group):
     """q `[nq, B, KV, Q, D]` (Q = group * bq), k/v `[nk, B, KV, bk, D]` -> out like q, lse `[nq, B, KV, Q]`.
-    Each query tile loops over its range of key tiles only."""
-    group = q.shape[3] // q_vecs[0].shape[2]
+    Each query tile loops over its range of key tiles only; with one key tile it is a plain softmax (no online
+    rescaling), whatever its range (a tile with nothing allowed gives the same zeros)."""
     k_lo, k_hi = ranges[:2]
+    key_vecs = lambda j: None if k_vecs is None else tuple(x[j] for x in k_vecs)
 
     def query_tile(args):
         q_t, qv, lo, hi = args
-
-        def key_tile(j, carry):
-            m, l, acc = carry
-            k_t, v_t = k[j], v[j]
-            allowed = _tile_mask(qv, tuple(x[j] for x in k_vecs), group)
-            s = jnp.where(allowed, _logits(q_t, k_t), -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
-            p = jnp.exp(s - m_safe[..., None])
-            correction = jnp.exp(m - m_safe)
-            acc = acc * correction[..., None] + jnp.einsum("bkqs,bksd->bkqd", p.astype(v_t.dtype), v_t,
-                                                           preferred_element_type=jnp.float32)
-            return m_new, l * correction + p.sum(-1), acc
-
         rows = q_t.shape[:-1]
-        init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
-                jnp.zeros(q_t.shape, jnp.float32))
-        m, l, acc = jax.lax.fori_loop(lo, hi, key_tile, init)
+        if k.shape[0] == 1:
+            s = _masked_logits(q_t, k[0], qv, key_vecs(0), group)
+            m = s.max(-1)
+            p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)[..., None])
+            l, acc = p.sum(-1), jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v[0],
+                                           preferred_element_type=jnp.float32)
+        else:
+            def key_tile(j, carry):
+                m, l, acc = carry
+                s = _masked_logits(q_t, k[j], qv, key_vecs(j), group)
+                m_new = jnp.maximum(m, s.max(-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing allowed yet
+                p = jnp.exp(s - m_safe[..., None])
+                correction = jnp.exp(m - m_safe)
+                acc = acc * correction[..., None] + jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v[j],
+                                                               preferred_element_type=jnp.float32)
+                return m_new, l * correction + p.sum(-1), acc
+
+            init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
+                    jnp.zeros(q_t.shape, jnp.float32))
+            m, l, acc = jax.lax.fori_loop(lo, hi, key_tile, init)
         out = (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q_t.dtype)
         return out, jnp.where(l > 0, m + jnp.log(l), jnp.inf)  # lse = inf: a row with nothing allowed
 
     return jax.lax.map(query_tile, (q, q_vecs, k_lo, k_hi))
 
 
-def _flash_fwd(q, k, v, q_vecs, k_vecs, ranges):
-    out, lse = _flash_forward(q, k, v, q_vecs, k_vecs, ranges)
+def _flash_fwd(q, k, v, q_vecs, k_vecs, ranges, group):
+    out, lse = _flash_forward(q, k, v, q_vecs, k_vecs, ranges, group)
     return out, (q, k, v, q_vecs, k_vecs, ranges, out, lse)
 
 
-def _flash_bwd(res, d_out):
+def _flash_bwd(group, res, d_out):
     """Flash-attention-2 backward: for each KV tile, loop over its range of query tiles, recompute the
     probabilities from the saved log-sum-exp, accumulate dK and dV for the tile and add each query tile's dQ into
     the carried total."""
     q, k, v, q_vecs, k_vecs, ranges, out, lse = res
-    group = q.shape[3] // q_vecs[0].shape[2]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # rowsum(dO * O) [nq, B, KV, Q]
     scale = q.shape[-1] ** -0.5
 
@@ -251,8 +304,8 @@ def _flash_bwd(res, d_out):
         def query_tile(i, carry):
             dq, dk, dv = carry
             q_t, do_t = q[i], d_out[i]
-            allowed = _tile_mask(tuple(x[i] for x in q_vecs), kv_, group)
-            p = jnp.where(allowed, jnp.exp(_logits(q_t, k_t) - lse[i][..., None]), 0.0)
+            p = jnp.exp(_masked_logits(q_t, k_t, None if q_vecs is None else tuple(x[i] for x in q_vecs), kv_,
+                                       group) - lse[i][..., None])
             dv = dv + jnp.einsum("bkqs,bkqd->bksd", p.astype(do_t.dtype), do_t, preferred_element_type=jnp.float32)
             dp = jnp.einsum("bkqd,bksd->bkqs", do_t, v_t, preferred_element_type=jnp.float32)
             ds = (p * (dp - delta[i][..., None]) * scale).astype(q_t.dtype)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from molmo2_jax.config import Molmo2Config
-from molmo2_jax.model.attention import attention
+from molmo2_jax.model.attention import attention, uses_blockwise
 from molmo2_jax.model.layers import MaskInfo, dense
 from molmo2_jax.model.vision import mesh_devices
 
@@ -37,10 +37,13 @@ class Connector(nn.Module):
         q = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="q")(query)
         k = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="k")(window)
         v = dense((a.num_heads, a.head_dim), axes, use_bias=True, dtype=dtype, param_dtype=pdtype, name="v")(window)
-        # one query per token over its window's valid slots: key segment 1 where valid, 0 (masked) where empty
-        ones, zeros = jnp.ones((valid.shape[0], 1), jnp.int32), jnp.zeros(valid.shape, jnp.int32)
-        mask = MaskInfo(ones, ones, ones.astype(bool), valid.astype(jnp.int32), zeros, zeros.astype(bool))
-        pooled = attention(q, k, v, mask, self.config)
+        if uses_blockwise(self.config.attention, slots):  # attention="blockwise" asks for it everywhere
+            # one query per token over its window's valid slots: key segment 1 where valid, 0 (masked) where empty
+            ones, zeros = jnp.ones((valid.shape[0], 1), jnp.int32), jnp.zeros(valid.shape, jnp.int32)
+            mask = MaskInfo(ones, ones, ones.astype(bool), valid.astype(jnp.int32), zeros, zeros.astype(bool))
+            pooled = attention(q, k, v, mask, self.config)
+        else:
+            pooled = pool_windows(q, k, v, valid)
         pooled = dense(a.hidden_size, ("vit_heads", "head_dim", "vit_embed"), use_bias=True, dtype=dtype,
                        param_dtype=pdtype, contract=(-2, -1), name="o")(pooled)[:, 0]
 
@@ -51,6 +54,21 @@ class Connector(nn.Module):
         out = dense(a.text_hidden_size, ("mlp", "embed"), use_bias=False, dtype=dtype, param_dtype=pdtype,
                     name="down")(jax.nn.silu(gate) * up)
         return nn.with_logical_constraint(out.reshape(b, t, -1), ("act_batch", "act_visual", "act_embed"))
+
+
+def pool_windows(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+    """Attention of each window's one query over its few slots: q `[N, 1, H, D]`, k/v `[N, K, H, D]`, valid
+    `[N, K]` -> `[N, 1, H, D]` (zeros for a window with no valid slot), as the dense path computes it but in
+    elementwise products and sums over the K slots: the dense path's `[N * H]` tiny batched dots and the transposes
+    around them cost more than the arithmetic on XLA:CPU. Logits, softmax and sums in fp32."""
+    dtype = v.dtype
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    logits = jnp.where(valid[..., None], (q * k).sum(-1) * (q.shape[-1] ** -0.5), -jnp.inf)  # [N, K, H]
+    top = logits.max(1, keepdims=True)
+    weights = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))
+    total = weights.sum(1, keepdims=True)
+    weights = weights / jnp.where(total > 0, total, 1.0)
+    return (weights[..., None] * v).sum(1, keepdims=True).astype(dtype)
 
 
 def chunk_tokens(config: Molmo2Config, rows: int, slots: int) -> int | None:

@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from molmo2_jax.model.attention import blockwise_attention, per_device
+from molmo2_jax.model.attention import blockwise_attention, every_key, per_device
 from molmo2_jax.model.layers import MaskInfo
 
 LANES = 128  # key tiles are whole lane groups: the logits tile is [bq, bk] with bk on the lanes
@@ -133,13 +133,13 @@ def _kernel(tiles_ref, kinds_ref, q_ref, k_ref, v_ref, qv_ref, kv_ref, o_ref, m_
         o_ref[...] = (acc_scr[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-def _forward(q, k, v, mask: MaskInfo, block_q: int, block_kv: int, interpret: bool):
-    """The kernel's output for q `[B, T, H, D]`, k/v `[B, S, KV, D]` (one device's shard)."""
+def _forward(q, k, v, mask: MaskInfo | None, block_q: int, block_kv: int, interpret: bool):
+    """The kernel's output for q `[B, T, H, D]`, k/v `[B, S, KV, D]` (one device's shard; mask None: every key)."""
     b, t, h, d = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     group = h // kv_heads
     bq, bk = tile_rows(t, block_q), tile_rows(s, block_kv)
-    mask = _pad_mask(mask, bq, bk)
+    mask = _pad_mask(every_key(q, k) if mask is None else mask, bq, bk)
     tp, sp = mask.q_seg.shape[1], mask.k_seg.shape[1]
     nq, nk = tp // bq, sp // bk
     tiles, kinds = tile_plan(mask, bq, bk)
