@@ -165,6 +165,8 @@ def _worker(process_id: int, port: int, out_dir: str, mode: str) -> None:
     if process_id == 0:
         np.savez(Path(out_dir) / "arrays.npz", logits=logits, **{f"param:{p}": v for p, v in params.items()})
     (Path(out_dir) / f"result{process_id}.json").write_text(json.dumps(result))
+    # meet before exiting: a host far behind the other (a loaded machine) would time out jax's shutdown barrier
+    multihost_utils.sync_global_devices("worker done")
     print(f"process {process_id} done", flush=True)
 
 
