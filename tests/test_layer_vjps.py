@@ -36,6 +36,10 @@ def test_gradients_equal_autodiff_of_the_plain_expression():
     ((3, 8), (8, 2, 4), 1),  # into heads x head_dim (q/k/v)
     ((2, 5, 2, 4), (2, 4, 6), 2),  # from heads x head_dim (o)
     ((8,), (8, 3), 1),  # no leading dims
+    # many tokens into few features: the kernel gradient is taken transposed, then transposed back
+    ((2, 50, 16), (16, 2), 1),
+    ((2, 50, 16), (16, 2, 2), 1),
+    ((2, 50, 2, 8), (2, 8, 3), 2),
 ])
 def test_project_gradients_equal_autodiff_of_tensordot(x_shape, kernel_shape, contract):
     rng = np.random.default_rng(2)

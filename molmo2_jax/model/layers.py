@@ -60,7 +60,7 @@ def project(x: jax.Array, kernel: jax.Array, contract: int) -> jax.Array:
     """`tensordot(x, kernel, contract)`, whose backward takes the kernel gradient as `x^T dy` over the leading
     (token) dims, in the kernel's own layout. Autodiff's transpose of the tensordot takes it as `dy^T x` and then
     transposes, which XLA:CPU lowers to a transposed copy of `dy` (`[tokens, features]` -> `[features, tokens]`)
-    before the dot; on the decoder MLP that copy cost ~18% of the MLP's forward + backward (bench/bench_mlp.py).
+    before the dot; on the decoder MLP that copy cost ~20% of the MLP's forward + backward (bench/bench_mlp.py).
     The output is named: remat policies see a custom VJP, not its dot (`remat_policy`)."""
     return checkpoint_name(_project(x, kernel, contract), PROJECT_NAME)
 
@@ -78,6 +78,14 @@ def _project_bwd(contract: int, residuals, dy: jax.Array):
     x, kernel = residuals
     lead = tuple(range(x.ndim - contract))
     dx = jnp.tensordot(dy, kernel, axes=(tuple(range(len(lead), dy.ndim)), tuple(range(contract, kernel.ndim))))
+    # XLA:CPU copies the dot's left operand transposed (tokens last); the kernel gradient transposes x, or dy and
+    # then the `[out, in]` result, whichever moves fewer elements (dy when in >> out, e.g. the ViT's fc2)
+    tokens, n_in = math.prod(x.shape[:len(lead)]), math.prod(x.shape[len(lead):])
+    n_out = math.prod(dy.shape[len(lead):])
+    if tokens * n_out + n_in * n_out < tokens * n_in:
+        d_kernel_t = jnp.tensordot(dy, x, axes=(lead, lead))  # [*out, *in]
+        n_out_dims = dy.ndim - len(lead)
+        return dx, d_kernel_t.transpose(*range(n_out_dims, d_kernel_t.ndim), *range(n_out_dims))
     return dx, jnp.tensordot(x, dy, axes=(lead, lead))
 
 
@@ -95,8 +103,8 @@ def dense(features: int | Sequence[int], axes: Sequence[str], *, use_bias: bool,
 @jax.custom_vjp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """`silu(gate) * up`, the SwiGLU product. Its backward keeps only `gate` and `up` and recomputes the sigmoid,
-    where autodiff of the plain expression keeps four `gate`-sized residuals per layer (silu's jvp): with `project`,
-    ~7% of the decoder MLP's forward + backward on CPU (bench/bench_mlp.py)."""
+    where autodiff of the plain expression keeps three more `gate`-sized residuals per layer (silu's jvp): half the
+    MLP's residuals, and with `project` 3-7% of the decoder MLP's forward + backward on CPU (bench/bench_mlp.py)."""
     return jax.nn.silu(gate) * up
 
 
