@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from molmo2_jax.config import ConfigError, Molmo2Config
-from molmo2_jax.model.layers import Dense, fan_in_init
+from molmo2_jax.model.layers import Dense, fan_in_init, project
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 LLM_TARGETS = r"decoder/layers/(q|k|v|o|gate|up|down)/kernel"
@@ -98,7 +98,7 @@ def _intercept(mode: _Mode):
         if mode.config.dropout and not mode.deterministic:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1 - mode.config.dropout, x.shape)
             x = jnp.where(keep, x / (1 - mode.config.dropout), 0).astype(x.dtype)
-        delta = jnp.tensordot(jnp.tensordot(x, a, axes=module.contract), b, axes=1)
+        delta = project(project(x, a, module.contract), b, 1)
         return y + (mode.config.scale * delta).astype(y.dtype)
 
     return interceptor

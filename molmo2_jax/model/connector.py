@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model.attention import attention, uses_blockwise
-from molmo2_jax.model.layers import MaskInfo, dense
+from molmo2_jax.model.layers import MaskInfo, dense, swiglu
 from molmo2_jax.model.vision import mesh_devices
 
 
@@ -52,7 +52,7 @@ class Connector(nn.Module):
         up = dense(a.intermediate_size, ("vit_embed", "mlp"), use_bias=False, dtype=dtype, param_dtype=pdtype,
                    name="up")(pooled)
         out = dense(a.text_hidden_size, ("mlp", "embed"), use_bias=False, dtype=dtype, param_dtype=pdtype,
-                    name="down")(jax.nn.silu(gate) * up)
+                    name="down")(swiglu(gate, up))
         return nn.with_logical_constraint(out.reshape(b, t, -1), ("act_batch", "act_visual", "act_embed"))
 
 

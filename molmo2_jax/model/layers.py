@@ -1,8 +1,9 @@
-"""Building blocks shared by the ViT, the connector and the LLM: dense layers with logical axes, norms,
-RoPE (default and YaRN), attention with an explicit mask, and the layer-stacking helper."""
+"""Building blocks shared by the ViT, the connector and the LLM: dense layers with logical axes, the SwiGLU product,
+norms, RoPE (default and YaRN), attention with an explicit mask, and the layer-stacking helper."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -10,6 +11,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from molmo2_jax.config import RopeScaling
 
@@ -43,12 +45,51 @@ class Dense(nn.Module):
         shape = (*x.shape[x.ndim - self.contract:], *self.features)
         kernel = self.param("kernel", nn.with_logical_partitioning(fan_in_init(self.contract), self.axes), shape,
                             self.param_dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
+        y = project(x.astype(self.dtype), kernel.astype(self.dtype), self.contract)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.contract:]),
                               self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+
+PROJECT_NAME = "project"  # the checkpoint name of every `project` output (the "dots" remat policies save it)
+
+
+def project(x: jax.Array, kernel: jax.Array, contract: int) -> jax.Array:
+    """`tensordot(x, kernel, contract)`, whose backward takes the kernel gradient as `x^T dy` over the leading
+    (token) dims, in the kernel's own layout. Autodiff's transpose of the tensordot takes it as `dy^T x` and then
+    transposes, which XLA:CPU lowers to a transposed copy of `dy` (`[tokens, features]` -> `[features, tokens]`)
+    before the dot; on the decoder MLP that copy cost ~20% of the MLP's forward + backward (bench/bench_mlp.py).
+    The output is named: remat policies see a custom VJP, not its dot (`remat_policy`)."""
+    return checkpoint_name(_project(x, kernel, contract), PROJECT_NAME)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x: jax.Array, kernel: jax.Array, contract: int) -> jax.Array:
+    return jnp.tensordot(x, kernel, axes=contract)
+
+
+def _project_fwd(x: jax.Array, kernel: jax.Array, contract: int):
+    return _project(x, kernel, contract), (x, kernel)
+
+
+def _project_bwd(contract: int, residuals, dy: jax.Array):
+    x, kernel = residuals
+    lead = tuple(range(x.ndim - contract))
+    dx = jnp.tensordot(dy, kernel, axes=(tuple(range(len(lead), dy.ndim)), tuple(range(contract, kernel.ndim))))
+    # XLA:CPU copies the dot's left operand transposed (tokens last); the kernel gradient transposes x, or dy and
+    # then the `[out, in]` result, whichever moves fewer elements (dy when in >> out, e.g. the ViT's fc2)
+    tokens, n_in = math.prod(x.shape[:len(lead)]), math.prod(x.shape[len(lead):])
+    n_out = math.prod(dy.shape[len(lead):])
+    if tokens * n_out + n_in * n_out < tokens * n_in:
+        d_kernel_t = jnp.tensordot(dy, x, axes=(lead, lead))  # [*out, *in]
+        n_out_dims = dy.ndim - len(lead)
+        return dx, d_kernel_t.transpose(*range(n_out_dims, d_kernel_t.ndim), *range(n_out_dims))
+    return dx, jnp.tensordot(x, dy, axes=(lead, lead))
+
+
+_project.defvjp(_project_fwd, _project_bwd)
 
 
 def dense(features: int | Sequence[int], axes: Sequence[str], *, use_bias: bool, dtype, param_dtype,
@@ -57,6 +98,29 @@ def dense(features: int | Sequence[int], axes: Sequence[str], *, use_bias: bool,
     features = tuple(features) if isinstance(features, Sequence) else (features,)
     n_contract = len(contract) if isinstance(contract, tuple) else 1
     return Dense(features, tuple(axes), use_bias, dtype, param_dtype, n_contract, name=name)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`silu(gate) * up`, the SwiGLU product. Its backward keeps only `gate` and `up` and recomputes the sigmoid,
+    where autodiff of the plain expression keeps three more `gate`-sized residuals per layer (silu's jvp): half the
+    MLP's residuals, and with `project` 3-7% of the decoder MLP's forward + backward on CPU (bench/bench_mlp.py)."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate: jax.Array, up: jax.Array):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dy: jax.Array):
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    # d silu(g) / dg = sig + g * sig * (1 - sig) = sig * (1 + g * (1 - sig))
+    return dy * up * sig * (1 + gate * (1 - sig)), dy * silu
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class RMSNorm(nn.Module):
@@ -198,12 +262,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax
 
 
 def remat_policy(name: str):
-    """Map a config name to a jax.checkpoint policy; None means no rematerialisation."""
+    """Map a config name to a jax.checkpoint policy; None means no rematerialisation. The "dots" policies also save
+    `project` outputs (the Dense layers' products, hidden from them by its custom VJP; none has batch dims)."""
+    policies = jax.checkpoint_policies
+    projections = policies.save_only_these_names(PROJECT_NAME)
     return {
         "none": None,
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.dots_saveable,
-        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "full": policies.nothing_saveable,
+        "dots": policies.save_from_both_policies(policies.dots_saveable, projections),
+        "dots_no_batch": policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable, projections),
     }[name]
 
 

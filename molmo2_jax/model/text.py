@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from molmo2_jax.config import Molmo2Config
 from molmo2_jax.model import kv_cache
 from molmo2_jax.model.attention import attention
-from molmo2_jax.model.layers import MaskInfo, RMSNorm, apply_rope, dense, stack_layers
+from molmo2_jax.model.layers import MaskInfo, RMSNorm, apply_rope, dense, stack_layers, swiglu
 
 
 class RopeTables(NamedTuple):
@@ -73,7 +73,7 @@ class DecoderLayer(nn.Module):
                      name="gate")(h)
         up = dense(t.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dtype, param_dtype=pdtype,
                    name="up")(h)
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        h = nn.with_logical_constraint(swiglu(gate, up), ("act_batch", "act_length", "act_mlp"))
         h = dense(t.hidden_size, ("mlp", "embed"), use_bias=False, dtype=dtype, param_dtype=pdtype,
                   name="down")(h)
         x = x + (norm("ff_norm")(h) if t.norm_after else h)
