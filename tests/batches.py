@@ -82,6 +82,16 @@ def rel_diff(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def gradient_diff(path: str, grads: dict, want: dict) -> float:
+    """`rel_diff` of one parameter's gradient (flattened trees `grads`, `want`). A key bias adds q.b_k to every logit
+    of a query's row, which softmax ignores where the mask does not depend on the query (the ViT, the connector): its
+    true gradient is 0 and both sides hold rounding noise, so it is measured on the scale of the query bias's."""
+    unmasked = path.endswith("k/bias") and path.startswith(("vision/", "connector/"))
+    scale = want[path.replace("k/bias", "q/bias")] if unmasked else want[path]
+    diff = np.max(np.abs(np.asarray(grads[path], np.float64) - np.asarray(want[path], np.float64)))
+    return float(diff / max(np.max(np.abs(np.asarray(scale, np.float64))), 1e-30))
+
+
 def olmo3(config: Molmo2Config) -> Molmo2Config:
     """The tiny preset turned Olmo3 style: post-norm, full-width qk-norm, MHA, YaRN on layer 0 only."""
     text = dataclasses.replace(config.text, qk_norm_type="olmo", norm_after=True, num_kv_heads=config.text.num_heads,
