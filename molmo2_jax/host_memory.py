@@ -1,0 +1,53 @@
+"""Reuse freed host memory when JAX runs on the CPU (glibc's malloc only).
+
+XLA:CPU allocates each execution's temporaries as one block (about 2 GB for a 65M-parameter train step on one
+image) and frees it at the end. glibc serves a block that large with a fresh `mmap` and unmaps it on free, so
+every step faults its pages in again: about 510k page faults, 0.5-3 s of a 5-6 s step on a 2-core machine, the
+most when another library's memory churns in between (docs/performance.md). So, where JAX will run on the CPU:
+- malloc serves large blocks from the heap and never trims it (`M_MMAP_MAX` 0, `M_TRIM_THRESHOLD` infinite), so
+  the next execution reuses the block's pages; the process keeps its peak heap;
+- XLA executes on the calling thread (`jax_cpu_enable_async_dispatch` off): only the main arena obeys the first
+  setting, a thread's own arena still maps large blocks (glibc 2.35+). Python no longer runs ahead of the
+  computation; a Grain pipeline prefetches in its own workers anyway.
+
+Applied when `molmo2_jax` is imported, before JAX starts its CPU backend, only where JAX will run on the CPU (no
+accelerator plugin installed, or `JAX_PLATFORMS=cpu`). A `glibc.malloc` tunable in `GLIBC_TUNABLES` leaves the
+allocator alone, `JAX_CPU_ENABLE_ASYNC_DISPATCH` in the environment leaves the dispatch alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+import jax
+
+# mallopt(3) parameters
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def runs_on_cpu() -> bool:
+    """Whether JAX will pick the CPU, judged without starting a backend."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    # libtpu, or a PJRT plugin (CUDA, ROCm) registered the way jax discovers them
+    return importlib.util.find_spec("libtpu") is None and not importlib.metadata.entry_points(group="jax_plugins")
+
+
+def reuse_freed_memory() -> bool:
+    """Configure malloc and the CPU dispatch as the module docstring says; whether malloc was configured."""
+    if not sys.platform.startswith("linux") or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if not runs_on_cpu():
+        return False
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc
+        return False
+    if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    # -1 is SIZE_MAX to mallopt's size_t threshold: never trim
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
