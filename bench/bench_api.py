@@ -12,9 +12,10 @@
   then `torch.optim.AdamW.step()` (and `zero_grad`).
 
 Every timed call alternates ours / reference; the figure is the median of --repeats. ratio = reference time / our
-time (> 1: ours faster). FLOPs are the reference's, counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls
-and attention; the same model and inputs on both sides), and `%peak` is that FLOP rate over the machine's fp32
-matmul peak, measured at the start of the run as the faster of a 2048^3 matmul in XLA and in torch.
+time (> 1: ours faster); after each row, the repeats' ratios and the median minor page faults per call. FLOPs are
+the reference's, counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention; the same model and
+inputs on both sides), and `%peak` is that FLOP rate over the machine's fp32 matmul peak, measured at the start of
+the run as the faster of a 2048^3 matmul in XLA and in torch.
 
 --batch: prefill and generate run at each batch size on that many one-image prompts (different images and text,
 the same length, collated as transformers takes them); train always takes one example.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import resource
 import statistics
 import sys
 import tempfile
@@ -100,10 +102,16 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
     return 2 * n**3 / statistics.median(ours) / 1e9, 2 * n**3 / statistics.median(ref) / 1e9
 
 
+FAULTS: list[int] = []  # minor page faults of each `timed` call, in call order
+
+
 def timed(fn) -> float:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    FAULTS.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return seconds
 
 
 def flops(fn) -> float:
@@ -383,11 +391,13 @@ def main() -> None:
                 compile_s, pairs, count = run(model, ref, example, args.repeats, *extra)
                 ours, theirs = (statistics.median(x) for x in zip(*pairs))
                 ratios = ", ".join(f"{r / o:.2f}" for o, r in pairs)
+                faults = FAULTS[-2 * len(pairs):]  # the pairs' calls, ours and the reference's alternating
+                faults = f"{statistics.median(faults[::2]):.0f} / {statistics.median(faults[1::2]):.0f}"
                 fl = (f"{count / 1e9:8.1f}{count / ours / 1e9 / peak:10.0%} {count / theirs / 1e9 / peak:9.0%}"
                       if count else f"{'':8}{'':11}{'':10}")
                 rows.append(f"{name:<6}{n_params / 1e6:7.1f}M{batch:>6}{example['input_ids'].shape[1]:>7}  {call:<9}"
                             f"{compile_s:10.1f}{ours * 1e3:10.1f}{theirs * 1e3:10.1f}{theirs / ours:6.2f}x{fl}")
-                print(rows[-1] + f"   (ratios {ratios})", flush=True)
+                print(rows[-1] + f"   (ratios {ratios}; page faults per call, ours / ref: {faults})", flush=True)
     print("\n" + header + "\n" + "\n".join(rows))
 
 

@@ -11,8 +11,8 @@ most when another library's memory churns in between (docs/performance.md). So, 
   computation; a Grain pipeline prefetches in its own workers anyway.
 
 Applied when `molmo2_jax` is imported, before JAX starts its CPU backend, only where JAX will run on the CPU (no
-accelerator plugin installed, or `JAX_PLATFORMS=cpu`). A `glibc.malloc` tunable in `GLIBC_TUNABLES` leaves the
-allocator alone, `JAX_CPU_ENABLE_ASYNC_DISPATCH` in the environment leaves the dispatch alone.
+accelerator plugin installed, or `JAX_PLATFORMS=cpu`). A `glibc.malloc` tunable in `GLIBC_TUNABLES` leaves both
+alone, `JAX_CPU_ENABLE_ASYNC_DISPATCH` in the environment the dispatch.
 """
 
 from __future__ import annotations
