@@ -84,10 +84,10 @@ def rel_diff(a, b) -> float:
 
 def gradient_diff(path: str, grads: dict, want: dict) -> float:
     """`rel_diff` of one parameter's gradient (flattened trees `grads`, `want`). A key bias adds q.b_k to every logit
-    of a query's row, which softmax ignores where the mask does not depend on the query (the ViT, the connector): its
-    true gradient is 0 and both sides hold rounding noise, so it is measured on the scale of the query bias's."""
-    unmasked = path.endswith("k/bias") and path.startswith(("vision/", "connector/"))
-    scale = want[path.replace("k/bias", "q/bias")] if unmasked else want[path]
+    of a query's row alike, which softmax ignores whatever the mask: its true gradient is 0 and both sides hold
+    rounding noise, so it is measured on the scale of the query bias's."""
+    key_bias = path.endswith("k/bias")
+    scale = want[path.replace("k/bias", "q/bias")] if key_bias else want[path]
     diff = np.max(np.abs(np.asarray(grads[path], np.float64) - np.asarray(want[path], np.float64)))
     return float(diff / max(np.max(np.abs(np.asarray(scale, np.float64))), 1e-30))
 
