@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 from molmo2_jax.errors import Molmo2Error
@@ -79,8 +80,8 @@ class OrbaxErrorFilter(logging.Filter):
     """Drops the tracebacks Orbax's writer threads log for a failed write (to the `absl` logger): the failure is
     raised to the caller too, which reports it in one line. Creating one also drops, for the rest of the process,
     what the writes still in flight when Orbax gives up print later: TensorStore's calls back into Orbax's event
-    loop, closed by then (unraisable `RuntimeError('Event loop is closed')`s), and asyncio's 'Task exception was
-    never retrieved' for Orbax's write tasks."""
+    loop, closed by then (unraisable `RuntimeError('Event loop is closed')`s), and asyncio's '... exception was
+    never retrieved' for Orbax's write tasks and the futures gathering them."""
 
     def __init__(self):
         super().__init__()
@@ -93,10 +94,15 @@ class OrbaxErrorFilter(logging.Filter):
 
 
 def _orbax_tasks_never_retrieved(record: logging.LogRecord) -> bool:
-    """False for asyncio's 'Task exception was never retrieved' of an Orbax write task (logged when the task
-    is collected, after the failed write was already reported)."""
+    """False for asyncio's 'Task (or _GatheringFuture, ...) exception was never retrieved' of an Orbax write
+    (logged when the task or future is collected, after the failed write was already reported). Orbax shows in
+    the task's repr, or only in the exception's traceback for a gathering future."""
     message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in message)
+    if " exception was never retrieved" not in message.split("\n", 1)[0]:
+        return True
+    if record.exc_info:
+        message += "".join(traceback.format_exception(*record.exc_info))
+    return f"{os.sep}orbax{os.sep}" not in message
 
 
 def _without_closed_loop_callbacks(hook):
