@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from molmo2_jax.errors import Molmo2Error
@@ -80,14 +81,16 @@ class OrbaxErrorFilter(logging.Filter):
     """Drops the tracebacks Orbax's writer threads log for a failed write (to the `absl` logger): the failure is
     raised to the caller too, which reports it in one line. Creating one also drops, for the rest of the process,
     what the writes still in flight when Orbax gives up print later: TensorStore's calls back into Orbax's event
-    loop, closed by then (unraisable `RuntimeError('Event loop is closed')`s), and asyncio's '... exception was
-    never retrieved' for Orbax's write tasks and the futures gathering them."""
+    loop, closed by then (unraisable `RuntimeError('Event loop is closed')`s), asyncio's '... exception was
+    never retrieved' for Orbax's write tasks and the futures gathering them, and the 'coroutine ... was never
+    awaited' warning for the writes Orbax never started."""
 
     def __init__(self):
         super().__init__()
         if getattr(sys.unraisablehook, "__wrapped__", None) is None:
             sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
             logging.getLogger("asyncio").addFilter(_orbax_tasks_never_retrieved)
+            warnings.filterwarnings("ignore", r"coroutine 'async_serialize_from_host\.", RuntimeWarning)
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
