@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from batches import gradient_diff, mixed_batch, olmo3, rel_diff
+from batches import mixed_batch, olmo3, rel_diff
 
 from molmo2_jax.config import ConfigError, load_preset
 from molmo2_jax.data.packing import MODEL_KEYS
@@ -195,11 +195,18 @@ def test_whole_model_blockwise_equals_dense(family):
     real = np.asarray(batch["attention_mask"]) > 0
     logit_diff = rel_diff(np.asarray(l_block)[real], np.asarray(l_dense)[real])
     assert logit_diff <= RTOL, logit_diff
+    # A key bias adds q.b_k to every logit of a query's row, which softmax ignores: its true gradient is 0 and
+    # both paths hold rounding noise there, so it is held to 0 on the scale of the query bias's gradient.
     flat_block, flat_dense = (flatten(nn.unbox(g)) for g in (g_block, g_dense))
-    diffs = {name: gradient_diff(name, flat_block, flat_dense) for name in flat_dense}
-    worst = max(diffs, key=diffs.get)
-    print(f"{family}: logits {logit_diff:.1e}, worst parameter gradient {worst} {diffs[worst]:.1e}")
-    assert diffs[worst] <= RTOL, (worst, diffs[worst])
+    worst = ("", 0.0)
+    for name, dense in flat_dense.items():
+        if name.endswith("k/bias"):
+            noise = max(np.abs(np.asarray(flat_block[name])).max(), np.abs(np.asarray(dense)).max())
+            assert noise <= RTOL * np.abs(np.asarray(flat_dense[name.replace("k/bias", "q/bias")])).max(), name
+            continue
+        worst = max(worst, (name, rel_diff(flat_block[name], dense)), key=lambda x: x[1])
+    print(f"{family}: logits {logit_diff:.1e}, worst parameter gradient {worst[0]} {worst[1]:.1e}")
+    assert worst[1] <= RTOL, worst
 
 
 # ----------------------------------------------------------------------------------------------------
