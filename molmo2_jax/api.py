@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from molmo2_jax import host_memory
 from molmo2_jax.batch import IGNORED_KEYS, INPUT_KEYS, TOKEN_KEYS, InputError, check_rows, to_rows
 from molmo2_jax.checkpoint.formats import open_checkpoint
 from molmo2_jax.checkpoint.peft import read_adapter
@@ -65,7 +66,7 @@ class Molmo2Model:
         patch = self.config.tokens.image_patch
         arrays = to_rows(arrays, patch, self.config.vision.num_patches)
         check_rows(arrays, patch)
-        return {k: jnp.asarray(v) for k, v in arrays.items()}
+        return host_memory.placed({k: jnp.asarray(v) for k, v in arrays.items()})
 
     def __call__(self, inputs: Mapping[str, Any]) -> jax.Array:
         """Logits `[batch, seq, vocab]` (fp32) for a processor output dict."""

@@ -8,7 +8,10 @@ most when another library's memory churns in between (docs/performance.md). So, 
   the next execution reuses the block's pages; the process keeps its peak heap;
 - XLA executes on the calling thread (`jax_cpu_enable_async_dispatch` off): only the main arena obeys the first
   setting, a thread's own arena still maps large blocks (glibc 2.35+). Python no longer runs ahead of the
-  computation; a Grain pipeline prefetches in its own workers anyway.
+  computation; a Grain pipeline prefetches in its own workers anyway;
+- inputs just copied to the device are waited for before a call (`placed`): an execution whose inputs are still
+  being copied starts on the copying thread when they arrive, so its temporaries come from that thread's arena
+  (a 65M train step on a fresh batch faulted 510k pages a step in 4 of 5 runs without the wait, 0 with it).
 
 Applied when `molmo2_jax` is imported, before JAX starts its CPU backend, only where JAX will run on the CPU (no
 accelerator plugin installed, or `JAX_PLATFORMS=cpu`). A `glibc.malloc` tunable in `GLIBC_TUNABLES` leaves both
@@ -22,11 +25,16 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+from typing import TypeVar
 
 import jax
 
+T = TypeVar("T")
+
 # mallopt(3) parameters
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+_reusing = False  # whether reuse_freed_memory configured malloc in this process
 
 
 def runs_on_cpu() -> bool:
@@ -49,5 +57,13 @@ def reuse_freed_memory() -> bool:
         return False
     if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
+    global _reusing
     # -1 is SIZE_MAX to mallopt's size_t threshold: never trim
-    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
+    _reusing = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
+    return _reusing
+
+
+def placed(tree: T) -> T:
+    """`tree` (arrays just put on the device) once its copies are done, where freed memory is reused; as it is
+    elsewhere (on accelerators, copies overlap the running step)."""
+    return jax.block_until_ready(tree) if _reusing else tree

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from molmo2_jax import distributed, lora
+from molmo2_jax import distributed, host_memory, lora
 from molmo2_jax.batch import INPUT_KEYS as MODEL_KEYS  # the model inputs of a batch
 from molmo2_jax.batch import InputError, check_rows
 from molmo2_jax.config import ConfigError, Molmo2Config, to_dict
@@ -300,8 +300,8 @@ class TrainStep:
         examples (padded to the shapes all agreed on, `distributed.agree`) and gets global arrays of all of them."""
         self.check_batch(batch)
         if jax.process_count() == 1:
-            return jax.device_put(dict(batch), self.batch_shardings(batch))
-        return distributed.global_batch(batch, self.batch_shardings, axis=1)
+            return host_memory.placed(jax.device_put(dict(batch), self.batch_shardings(batch)))
+        return host_memory.placed(distributed.global_batch(batch, self.batch_shardings, axis=1))
 
     def step(self, state: dict[str, Any], batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """One optimizer step (the state is donated: do not reuse the one passed in)."""
