@@ -165,27 +165,39 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskInfo
     return out[:, :t]
 
 
+# A loop step of `_per_pair` takes as many KV heads of one batch row as keep its fp32 logits (`heads * Q * bk`)
+# within this: products batched over a few heads keep both cores busy without streaming large logits through memory.
+# Measured on XLA:CPU (min of 7, forward + backward): the ViT's `[5, 729, 6, 64]` 169 ms a head at a time, 133 ms
+# two at a time, 137 three, 146 all six; the decoder's causal `[1, 774, 12 / 4, 64]` 59 ms a head, 55 two, 47 four.
+STEP_LOGITS_ELEMENTS = 2 * 1024 * 1024
+
+
 def _per_pair(qt, kt, vt, q_vecs, k_vecs, group: int) -> jax.Array:
-    """`_flash` run by a loop over the (batch row, KV head) pairs, each with plain 2-D tile products: on XLA:CPU
-    this is 3-8x faster than products batched over B and KV (bench/bench_attention.py), whose operands and
-    `[B, KV, Q, bk]` logits stream through memory instead of staying in cache. Its ranges are the pair's own.
+    """`_flash` run by a loop over (batch row, KV heads) pairs, each with 2-D tile products batched over a few KV
+    heads of the row (`STEP_LOGITS_ELEMENTS`): on XLA:CPU this is 3-8x faster than products batched over all of B
+    and KV (bench/bench_attention.py), whose operands and `[B, KV, Q, bk]` logits stream through memory instead of
+    staying in cache. Its ranges are the row's own.
 
     q `[B, KV, nq, Q, D]`, k/v `[B, KV, nk, bk, D]`, vectors `[B' (B or 1), n, tile]` -> out like q."""
-    b, kv, nq = qt.shape[:3]
-    nk = kt.shape[2]
+    b, kv, nq, rows, d = qt.shape
+    nk, bk = kt.shape[2:4]
+    heads = max(g for g in range(1, kv + 1) if kv % g == 0 and (g == 1 or g * rows * bk <= STEP_LOGITS_ELEMENTS))
 
     def pair(args):
-        qp, kp, vp, qv, kv_ = args  # q [nq * Q, D], k/v [nk * bk, D], vectors [n, tile]
+        qp, kp, vp, qv, kv_ = args  # q [heads, nq * Q, D], k/v [heads, nk * bk, D], vectors [n, tile]
         if qv is not None:
             qv, kv_ = tuple(x[:, None] for x in qv), tuple(x[:, None] for x in kv_)
-        qp, kp, vp = (x.reshape(n, 1, 1, -1, x.shape[-1]) for x, n in ((qp, nq), (kp, nk), (vp, nk)))
-        return _flash(qp, kp, vp, qv, kv_, _ranges(qv, kv_, nq, nk), group).reshape(-1, qp.shape[-1])
+        tiled = lambda x, n: x.reshape(heads, n, -1, d).transpose(1, 0, 2, 3)[:, None]  # [n, 1 row, heads, rows, D]
+        qp, kp, vp = tiled(qp, nq), tiled(kp, nk), tiled(vp, nk)
+        out = _flash(qp, kp, vp, qv, kv_, _ranges(qv, kv_, nq, nk), group)
+        return out[:, 0].transpose(1, 0, 2, 3).reshape(heads, -1, d)
 
     # tiles flattened into the rows: a `[B*KV, 1, ...]` loop input of one tile got a transposed layout on XLA:CPU
     # (then copied again for the loop)
-    fold = lambda x: x.reshape(b * kv, -1, x.shape[-1])
-    per_pair = lambda vecs: None if vecs is None else tuple(  # [B', n, tile] -> [B*KV, n, tile]
-        jnp.broadcast_to(x[:, None], (b, kv, *x.shape[1:])).reshape(b * kv, *x.shape[1:]) for x in vecs)
+    fold = lambda x: x.reshape(b * kv // heads, heads, -1, d)
+    per_pair = lambda vecs: None if vecs is None else tuple(  # [B', n, tile] -> [B * KV / heads, n, tile]
+        jnp.broadcast_to(x[:, None], (b, kv // heads, *x.shape[1:])).reshape(b * kv // heads, *x.shape[1:])
+        for x in vecs)
     out = jax.lax.map(pair, (fold(qt), fold(kt), fold(vt), per_pair(q_vecs), per_pair(k_vecs)))
     return out.reshape(qt.shape)
 
