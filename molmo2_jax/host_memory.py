@@ -64,6 +64,6 @@ def reuse_freed_memory() -> bool:
 
 
 def placed(tree: T) -> T:
-    """`tree` (arrays just put on the device) once its copies are done, where freed memory is reused; as it is
-    elsewhere (on accelerators, copies overlap the running step)."""
+    """`tree` (arrays just put on the device) once its copies are done, where freed memory is reused; unchanged
+    elsewhere (on an accelerator the copies overlap the running step)."""
     return jax.block_until_ready(tree) if _reusing else tree
