@@ -36,6 +36,11 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 _reusing = False  # whether reuse_freed_memory configured malloc in this process
 
+# The largest heap of a thread's own malloc arena (glibc's HEAP_MAX_SIZE on 64-bit): a block above it is mapped
+# afresh, and faulted in, every time, whatever the settings here. XLA's kernels allocate some of their own
+# intermediates on worker threads (docs/performance.md): `crops_within_thread_heap` sizes the ViT's by it.
+THREAD_HEAP_BYTES = 64 << 20
+
 
 def runs_on_cpu() -> bool:
     """Whether JAX will pick the CPU, judged without starting a backend."""
@@ -67,3 +72,14 @@ def placed(tree: T) -> T:
     """`tree` (arrays just put on the device) once its copies are done, where freed memory is reused; unchanged
     elsewhere (on an accelerator the copies overlap the running step)."""
     return jax.block_until_ready(tree) if _reusing else tree
+
+
+def reusing() -> bool:
+    """Whether `reuse_freed_memory` configured malloc in this process (JAX on the CPU, glibc, no opt-out)."""
+    return _reusing
+
+
+def crops_within_thread_heap(patches: int, width: int) -> int:
+    """Crops per ViT call whose widest activation, `[crops * patches, width]` in fp32 (what a product accumulates
+    in), takes at most 3/4 of a thread's heap; at least 1."""
+    return max(1, THREAD_HEAP_BYTES * 3 // 4 // (patches * width * 4))

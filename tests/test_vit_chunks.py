@@ -22,6 +22,7 @@ from ref_model import collated, image_inputs, random_image, tokenizer_checkpoint
 from test_loss_parity import ZERO_GRADIENTS, our_loss_and_grads, reference_labels
 
 import molmo2_jax
+from molmo2_jax import host_memory
 from molmo2_jax.batch import shift_pooling
 from molmo2_jax.cli import main
 from molmo2_jax.config import ConfigError, Molmo2Config, load_preset
@@ -30,8 +31,8 @@ from molmo2_jax.training.config import OptimizerConfig, TrainConfig, load_train_
 from molmo2_jax.training.step import make_train_step
 
 RTOL = 1e-5
-CHUNK = 4  # crops per call: every case below has more, not a multiple (the last chunk is padded); so do its pooled
-# tokens per connector call in every stream
+CHUNK = 4  # crops per call: every case below has more, not a multiple (the ViT's last chunk is smaller, the
+# connector's padded); so do its pooled tokens per connector call in every stream
 
 
 def packed_row(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -62,7 +63,23 @@ CASES = {  # images and a video (one batch, a padded row; a chunk spans image cr
 def models(reference):
     """(family, one-call model, chunked model) loaded from the same reference checkpoint."""
     family, _, path = reference
-    return family, molmo2_jax.load(path), molmo2_jax.load(path, vit_chunk=CHUNK, remat_policy="full")
+    return family, molmo2_jax.load(path, vit_chunk=None), molmo2_jax.load(path, vit_chunk=CHUNK, remat_policy="full")
+
+
+def test_load_on_the_cpu_chunks_the_vit_within_a_thread_heap(models, reference):
+    """Where freed host memory is reused (these tests run JAX on the CPU), `load` picks the most crops per ViT call
+    whose fp32 MLP activation fits 3/4 of a thread's malloc heap; a given `vit_chunk`, None included, is kept."""
+    if not host_memory.reusing():
+        pytest.skip("freed host memory is not reused here (not glibc, or a GLIBC_TUNABLES malloc setting)")
+    _, one_call, chunked = models
+    assert one_call.config.vit_chunk is None and chunked.config.vit_chunk == CHUNK
+    vision = one_call.config.vision
+    per_crop = vision.num_patches * max(vision.intermediate_size, 3 * vision.hidden_size) * 4
+    auto = molmo2_jax.load(reference[2]).config.vit_chunk
+    assert auto * per_crop <= host_memory.THREAD_HEAP_BYTES * 3 // 4 < (auto + 1) * per_crop
+    # the released ViT (so400m, MLP 4304) in fp32: 4 crops of 12.5 MB
+    released = Molmo2Config().vision
+    assert host_memory.crops_within_thread_heap(released.num_patches, released.intermediate_size) == 4
 
 
 def _relative(got, want) -> float:
@@ -75,7 +92,7 @@ def test_chunked_vit_and_connector_give_the_one_call_logits_and_gradients(models
     family, whole, chunked = models
     inputs = CASES[case]()
     crops = sum(inputs[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if k in inputs)
-    assert crops > CHUNK and crops % CHUNK  # several chunks, the last one padded
+    assert crops > CHUNK and crops % CHUNK  # several chunks, the last one smaller
     for key in ("image_token_pooling", "video_token_pooling"):  # the same for each stream's pooled tokens
         if key in inputs:
             rows, tokens, slots = chunked.prepare(inputs)[key].shape

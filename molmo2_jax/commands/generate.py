@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-frames", type=int, default=None, help="override the checkpoint's video frame limit")
     parser.add_argument("--vit-chunk", type=int, default=None, metavar="N",
                         help="run the ViT over N crops / frames at a time (bounds a long video's memory); default: "
-                             "all at once")
+                             "the checkpoint's setting, else all at once (on the CPU: as many as fit a thread's "
+                             "malloc heap, see molmo2_jax.load)")
     parser.add_argument("--json", action="store_true", help='print {"answer", "groundings", "count"} as JSON')
     parser.add_argument("--draw", metavar="OUT", help="draw the points (.png, images) or tracks (.gif/.mp4, video)")
     parser.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory for this checkpoint")

@@ -99,8 +99,9 @@ def encode_in_chunks(vision: VisionTransformer, pixels: jax.Array) -> jax.Array:
     Chunk j is crops `[j * vit_chunk, (j + 1) * vit_chunk)` of every device's own slice of the crops, so no crop
     leaves its device on the way in or out. (Contiguous chunks of the global crop axis would each live on a few
     devices: XLA reshuffled every chunk onto all of them and all-gathered the stacked features back, holding the
-    whole batch's fp32 features on every device.) Each device's slice is padded to whole chunks with zero crops,
-    whose features are dropped."""
+    whole batch's fp32 features on every device.) The crops past the last whole chunk of each slice run as one
+    smaller chunk after the scan, so no crop is computed for padding (the slices themselves are padded to equal
+    length when the devices do not divide the crops)."""
     chunk = vision.config.vit_chunk
     if chunk is None or vision.is_initializing():
         return vision(pixels)
@@ -108,19 +109,24 @@ def encode_in_chunks(vision: VisionTransformer, pixels: jax.Array) -> jax.Array:
     local = -(-n // devices)  # crops per device (the last devices' slices padded when the axes do not divide n)
     if local <= chunk:
         return vision(pixels)
-    steps = -(-local // chunk)
-    pad = lambda x, axis, size: jnp.pad(x, [(0, size - x.shape[axis]) if a == axis else (0, 0)
-                                           for a in range(x.ndim)])
-    x = pad(pad(pixels, 0, devices * local).reshape(devices, local, *pixels.shape[1:]), 1, steps * chunk)
-    chunks = x.reshape(devices, steps, chunk, *x.shape[2:]).swapaxes(0, 1).reshape(steps, devices * chunk,
-                                                                                   *x.shape[2:])
-    chunks = nn.with_logical_constraint(chunks, (None, "act_crops", "act_patches", None))
+    steps, rest_crops = divmod(local, chunk)
+    x = jnp.pad(pixels, [(0, devices * local - n)] + [(0, 0)] * (pixels.ndim - 1))
+    x = x.reshape(devices, local, *pixels.shape[1:])
+    chunks = x[:, :steps * chunk].reshape(devices, steps, chunk, *x.shape[2:]).swapaxes(0, 1)
+    chunks = nn.with_logical_constraint(chunks.reshape(steps, devices * chunk, *x.shape[2:]),
+                                        (None, "act_crops", "act_patches", None))
     body = nn.remat(lambda mdl, carry, crops: (carry, mdl(crops)), prevent_cse=False)
     _, features = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(vision, None, chunks)
     features = nn.with_logical_constraint(features, (None, "act_crops", "act_patches", None))
     rest = features.shape[2:]
     features = features.reshape(steps, devices, chunk, *rest).swapaxes(0, 1).reshape(devices, steps * chunk, *rest)
-    return features[:, :local].reshape(devices * local, *rest)[:n]
+    if rest_crops:
+        tail = nn.with_logical_constraint(x[:, steps * chunk:].reshape(devices * rest_crops, *x.shape[2:]),
+                                          ("act_crops", "act_patches", None))
+        tail = nn.remat(lambda mdl, crops: mdl(crops), prevent_cse=False)(vision, tail)
+        tail = nn.with_logical_constraint(tail, ("act_crops", "act_patches", None))
+        features = jnp.concatenate([features, tail.reshape(devices, rest_crops, *rest)], axis=1)
+    return features.reshape(devices * local, *rest)[:n]
 
 
 def mesh_devices(logical: str) -> int:
