@@ -95,7 +95,7 @@ def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, ada
     kernels or, with `merge_adapter`, added into them.
     On the CPU (`host_memory`), unless `vit_chunk` is given or the checkpoint sets it, the ViT runs over as many
     crops at a time as keep its activations within a thread's malloc heap: a larger one is faulted in again on
-    every call (a 65M model's batch-8 prefill: 8.8 s in one call, 7.7 s in chunks of 8 crops)."""
+    every call (a 65M model's batch-8 prefill: 8.5-9.1 s in one call, 8.0-8.4 s in chunks of 11 crops)."""
     checkpoint = open_checkpoint(path)
     if "vit_chunk" not in config_changes and checkpoint.config.vit_chunk is None and host_memory.reusing():
         vision = checkpoint.config.vision
