@@ -98,9 +98,7 @@ def load(path: str | Path, dtype: str = "float32", mesh: Mesh | None = None, ada
     every call (a 65M model's batch-8 prefill: 8.5-9.1 s in one call, 8.0-8.4 s in chunks of 11 crops)."""
     checkpoint = open_checkpoint(path)
     if "vit_chunk" not in config_changes and checkpoint.config.vit_chunk is None and host_memory.reusing():
-        vision = checkpoint.config.vision
-        config_changes["vit_chunk"] = host_memory.crops_within_thread_heap(
-            vision.num_patches, max(vision.intermediate_size, 3 * vision.hidden_size))
+        config_changes["vit_chunk"] = host_memory.crops_within_thread_heap(checkpoint.config.vision)
     config = checkpoint.config.replace(dtype=dtype, param_dtype=dtype, **config_changes)
     if mesh is not None:
         check_config(config, mesh)  # a mesh that does not fit fails here, before anything is read

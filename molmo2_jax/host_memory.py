@@ -25,9 +25,12 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import jax
+
+if TYPE_CHECKING:
+    from molmo2_jax.config import VisionConfig
 
 T = TypeVar("T")
 
@@ -79,7 +82,8 @@ def reusing() -> bool:
     return _reusing
 
 
-def crops_within_thread_heap(patches: int, width: int) -> int:
-    """Crops per ViT call whose widest activation, `[crops * patches, width]` in fp32 (what a product accumulates
-    in), takes at most 3/4 of a thread's heap; at least 1."""
-    return max(1, THREAD_HEAP_BYTES * 3 // 4 // (patches * width * 4))
+def crops_within_thread_heap(vision: VisionConfig) -> int:
+    """Crops per ViT call whose widest activation, `[crops * patches, max(MLP, q/k/v width)]` in fp32 (what a
+    product accumulates in), takes at most 3/4 of a thread's heap; at least 1."""
+    width = max(vision.intermediate_size, 3 * vision.hidden_size)
+    return max(1, THREAD_HEAP_BYTES * 3 // 4 // (vision.num_patches * width * 4))
