@@ -34,6 +34,7 @@ from molmo2_jax.sharding import (
     describe_mesh,
     fitting_spec,
     mesh_shape,
+    multislice_grid,
 )
 from molmo2_jax.training.config import TrainConfig
 from molmo2_jax.training.step import make_train_step
@@ -87,15 +88,21 @@ TPU_EXTRA = "pip install 'molmo2-jax[tpu]'"
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A TPU topology to compile for: its name (`v5p:4x4x4`), devices and per-device HBM (None: unknown)."""
+    """A TPU topology to compile for: its name (`v5p:4x4x4`), devices (of `slices` such slices) and per-device HBM
+    (None: unknown)."""
 
     name: str
     devices: tuple[Any, ...]
     hbm_bytes: int | None
+    slices: int = 1
+
+    def __str__(self) -> str:
+        return self.name if self.slices == 1 else f"{self.slices} x {self.name}"
 
 
-def tpu_target(name: str) -> Target:
-    """The compile-only devices of the TPU topology `name` (e.g. `v5p:4x4x4`, `v5e:2x2`, `v6e:2x2`, `v4:2x2x1`)."""
+def tpu_target(name: str, slices: int = 1) -> Target:
+    """The compile-only devices of `slices` slices of the TPU topology `name` (e.g. `v5p:4x4x4`, `v5e:2x2`,
+    `v6e:2x2`, `v4:2x2x1`), joined by the data-center network (multi-slice) when more than one."""
     if importlib.util.find_spec("libtpu") is None:
         raise TargetError(f"--target {name} compiles for TPU through libtpu, which is not installed: {TPU_EXTRA}")
     from jax.experimental import topologies
@@ -108,13 +115,15 @@ def tpu_target(name: str) -> Target:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # v4 chips hold two TensorCores: JAX runs them as one megacore device
     extra = {"chip_config_name": "megacore"} if name.startswith("v4:") else {}
+    if slices < 1:
+        raise TargetError(f"--slices {slices}: a target has at least one slice")
     try:
-        topo = topologies.get_topology_desc(topology_name=name, platform="tpu", **extra)
+        topo = topologies.get_topology_desc(topology_name=name, platform="tpu", num_slices=slices, **extra)
     except Exception as e:  # libtpu raises plain runtime errors for names it does not know
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TargetError(f"--target {name!r}: libtpu has no such TPU topology ({first}); e.g. v5p:4x4x4, "
                           f"v5e:2x2, v6e:4x4, v4:2x2x1") from None
-    return Target(name, tuple(topo.devices), _hbm_bytes(topo.devices[0].device_kind))
+    return Target(name, tuple(topo.devices), _hbm_bytes(topo.devices[0].device_kind), slices)
 
 
 def _hbm_bytes(device_kind: str) -> int | None:
@@ -129,14 +138,16 @@ def _hbm_bytes(device_kind: str) -> int | None:
 
 
 def target_mesh(target: Target, spec: Mapping[str, int]) -> Mesh:
-    """The mesh `spec` over the topology's devices, laid out topology-aware (Auto axes, as sharding.make_mesh)."""
+    """The mesh `spec` over the topology's devices, laid out topology-aware and split between its slices as
+    `sharding.make_mesh` does (Auto axes)."""
     from jax.experimental import topologies
 
     try:
         shape = mesh_shape(spec, len(target.devices))
+        devices = (multislice_grid(shape, target.devices) if target.slices > 1 else
+                   topologies.make_mesh(topologies.TopologyDescription(list(target.devices)), shape, MESH_AXES).devices)
     except MeshError as e:
-        raise MeshError(f"{e} on --target {target.name}") from None
-    devices = topologies.make_mesh(topologies.TopologyDescription(list(target.devices)), shape, MESH_AXES).devices
+        raise MeshError(f"{e} on --target {target}") from None
     return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -401,7 +412,7 @@ def plan(config: Molmo2Config, mesh: Mesh, work: Workload, train: TrainConfig | 
         if target is None or "RESOURCE_EXHAUSTED" not in str(e):
             raise
         tpu_says = next(line for line in str(e).splitlines() if line.strip()).replace("RESOURCE_EXHAUSTED: ", "")
-        raise TargetError(f"does not fit on {target.name}: {tpu_says}") from None
+        raise TargetError(f"does not fit on {target}: {tpu_says}") from None
     chunk = train.loss_chunk_tokens if train is not None else 0
     return {"compiled": figures, "estimate": estimate(config, mesh, work, abstract, chunk),
             "num_params": sum(math.prod(s) for s in param_shapes(config).values()),
@@ -447,7 +458,7 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
     lines = [
         f"plan: {name} ({result['num_params']:,} params; compute {config.dtype}, {trained}, remat "
         f"{config.remat_policy}); mesh {describe_mesh(mesh)}"
-        + (f", compiled for {target.name} ({mesh.devices.flat[0].device_kind}) by libtpu" if target else ""),
+        + (f", compiled for {target} ({mesh.devices.flat[0].device_kind}) by libtpu" if target else ""),
         f"  batch {work.batch} x seq {work.seq}; per sequence {work.crops} crops, {work.tokens} visual tokens "
         f"({work.pool} patches each)",
         f"  attention: decoder {_path(config, work.seq, work.tokens)}; ViT {_path(config, v.num_patches, None)}",

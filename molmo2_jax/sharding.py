@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from molmo2_jax.errors import Molmo2Error
@@ -150,7 +151,8 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 def make_mesh(spec: Mapping[str, int] | str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with all four axes (Auto axis types, which the linen logical-partitioning style needs).
 
-    Devices are laid out by `jax.make_mesh`'s topology-aware order when all devices are used.
+    Devices are laid out by `jax.make_mesh`'s topology-aware order when all devices are used, and split between
+    TPU slices over the data axes when they span several (`multislice_grid`).
     """
     if isinstance(spec, str):
         spec = parse_mesh(spec)
@@ -158,16 +160,50 @@ def make_mesh(spec: Mapping[str, int] | str | None = None, devices: Sequence[jax
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(spec or {"fsdp": -1}, len(devices))
     types = (AxisType.Auto,) * len(MESH_AXES)
+    if num_slices(devices) > 1:
+        return Mesh(multislice_grid(shape, devices), MESH_AXES, axis_types=types)
     if all_devices:
         return jax.make_mesh(shape, MESH_AXES, axis_types=types)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
+# The mesh axes whose collectives may cross between TPU slices, in the order they take them: the network between
+# slices is far slower than the chips' own links, so slices split the data-parallel axis first (only gradients
+# cross), then fsdp (its gathers of each layer's weights cross too); sequence and tensor stay within a slice.
+SLICE_AXES = ("data", "fsdp")
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+    """How many TPU slices `devices` span (their `slice_index`; 1 for devices without one, as CPUs)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def multislice_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+    """`devices` of several slices as a `shape` array (MESH_AXES order): each `SLICE_AXES` axis in turn spans as
+    many slices as divide it, and within a slice the devices are laid out topology-aware."""
+    slices, per_axis = num_slices(devices), []
+    left = slices
+    for axis, size in zip(MESH_AXES, shape):
+        across = math.gcd(size, left) if axis in SLICE_AXES else 1
+        per_axis.append(across)
+        left //= across
+    if left > 1:
+        sizes = ",".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, shape))
+        raise MeshError(f"mesh {sizes} cannot be split between {slices} TPU slices: data x fsdp must be a multiple "
+                        f"of {slices} (slices split data, then fsdp; e.g. data={slices},fsdp=-1)")
+    within = [size // across for size, across in zip(shape, per_axis)]
+    # a slice's axes may split a physical axis of its torus when no whole-axis assignment fits (tried first)
+    return mesh_utils.create_hybrid_device_mesh(within, per_axis, devices, allow_split_physical_axes=True)
+
+
 def describe_mesh(mesh: Mesh) -> str:
-    """One line such as `data=1 fsdp=8 sequence=1 tensor=1 (8 devices, cpu)`."""
+    """One line such as `data=1 fsdp=8 sequence=1 tensor=1 (8 devices, cpu)` (`, 2 slices` when several)."""
     sizes = " ".join(f"{axis}={mesh.shape[axis]}" for axis in MESH_AXES)
-    platform = mesh.devices.flat[0].platform if isinstance(mesh, Mesh) else "abstract"
-    return f"{sizes} ({math.prod(mesh.shape.values())} devices, {platform})"
+    if not isinstance(mesh, Mesh):
+        return f"{sizes} ({math.prod(mesh.shape.values())} devices, abstract)"
+    slices = num_slices(mesh.devices.flat)
+    where = mesh.devices.flat[0].platform + (f", {slices} slices" if slices > 1 else "")
+    return f"{sizes} ({math.prod(mesh.shape.values())} devices, {where})"
 
 
 @contextlib.contextmanager

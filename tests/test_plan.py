@@ -56,9 +56,11 @@ def test_plan_reduced_4b_agrees_with_the_estimate():
     ("data=3", None, "--batch 8 is not divisible by data x fsdp = 3"),
     ("fsdp=3", None, "param(s) cannot be split evenly on mesh data=1 fsdp=3"),
     ("fsdp=8,model=2", None, "'model=2' is not AXIS=SIZE"),
+    ("fsdp=8 --slices 2", None, "--slices is for --target (slices of a TPU topology)"),
 ])
 def test_bad_mesh_fails_before_compiling(mesh, devices, message):
-    proc = _plan("--model", "molmo2-4b", "--mesh", mesh, *(["--devices", devices] if devices else []),
+    mesh, *more = mesh.split()
+    proc = _plan("--model", "molmo2-4b", "--mesh", mesh, *more, *(["--devices", devices] if devices else []),
                  "--batch", "8", "--seq", "1024", *REDUCED, timeout=120)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()

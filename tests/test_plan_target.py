@@ -51,14 +51,25 @@ def test_hbm_overflow_is_one_line_with_tpu_figures():
 
 
 @needs_libtpu
+def test_two_slices_split_the_data_axis():
+    proc = _plan("--model", "tiny", "--target", "v5e:2x2", "--slices", "2", "--mesh", "data=2,fsdp=4", "--batch", "8",
+                 "--seq", "1024", "--crops", "2", "--tokens", "392", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(8 devices, tpu, 2 slices), compiled for 2 x v5e:2x2 (TPU v5 lite) by libtpu" in proc.stdout
+
+
+@needs_libtpu
 @pytest.mark.parametrize("target,mesh,message", [
     ("v9:2x2", "fsdp=4", "--target 'v9:2x2': libtpu has no such TPU topology"),
     ("v5p:3x3x3", "fsdp=27", "--target 'v5p:3x3x3': libtpu has no such TPU topology"),
     ("v5e:2x2", "fsdp=8", "mesh {'fsdp': 8} has 8 devices but 4 are available on --target v5e:2x2"),
+    ("v5e:2x2 --slices 2", "tensor=8", "mesh data=1,fsdp=1,sequence=1,tensor=8 cannot be split between 2 TPU "
+                                       "slices: data x fsdp must be a multiple of 2"),
+    ("v5e:2x2 --slices 0", "fsdp=4", "--slices 0: a target has at least one slice"),
 ])
 def test_bad_target_fails_before_compiling(target, mesh, message):
-    line = _error(_plan("--model", "tiny", "--target", target, "--mesh", mesh, "--batch", "8", "--seq", "1024",
-                        timeout=300))
+    line = _error(_plan("--model", "tiny", "--target", *target.split(), "--mesh", mesh, "--batch", "8", "--seq",
+                        "1024", timeout=300))
     assert message in line, line
 
 

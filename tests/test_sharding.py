@@ -7,6 +7,7 @@ is fixed when JAX starts and the pytest process has one device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 MESHES = {"data8": {"data": 8}, "fsdp8": {"fsdp": 8}, "d2f2t2": {"data": 2, "fsdp": 2, "tensor": 2},
@@ -26,7 +28,6 @@ def _worker() -> None:
     from jax_setup import configure
 
     jax = configure(devices=8)
-    import numpy as np
     from batches import training_batch
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -165,6 +166,47 @@ def test_mesh_errors_name_the_problem():
         check_config(load_preset("molmo2-4b"), _abstract_mesh(tensor=16))
     with pytest.raises(MeshError, match="lm_head dim 100278"):  # O-7B's vocabulary is only even
         check_config(load_preset("molmo2-o-7b"), _abstract_mesh(tensor=4))
+
+
+@dataclasses.dataclass(frozen=True)
+class _SliceDevice:
+    """Stands in for a TPU device of a multi-slice job: only what a mesh layout reads."""
+
+    id: int
+    slice_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+@pytest.mark.parametrize("shape,spans", [
+    ((2, 4, 1, 1), (2, 1, 1, 1)),  # data over the slices
+    ((1, 8, 1, 1), (1, 2, 1, 1)),  # no data axis: fsdp spans them
+    ((2, 2, 1, 2), (2, 1, 1, 1)),
+    ((1, 2, 2, 2), (1, 2, 1, 1)),  # sequence and tensor stay within a slice
+])
+def test_slices_split_data_then_fsdp(shape, spans):
+    from molmo2_jax.sharding import multislice_grid, num_slices
+
+    # listed with the slices interleaved, as a device list need not group them: the layout must
+    devices = [_SliceDevice(i, i // 4) for i in sorted(range(8), key=lambda i: (i % 4, i // 4))]
+    assert num_slices(devices) == 2
+    slices = np.vectorize(lambda d: d.slice_index)(multislice_grid(shape, devices))
+    assert slices.shape == shape
+    for axis, across in enumerate(spans):  # an axis spans both slices exactly when it should
+        varies = (np.diff(slices, axis=axis) != 0).any() if shape[axis] > 1 else False
+        assert varies == (across > 1), (axis, slices)
+    # each slice holds one contiguous block of the data x fsdp grid: the slower links carry only those axes
+    assert all(len(np.unique(block)) == 1 for block in slices.reshape(spans[0], -1, spans[1], shape[1] // spans[1],
+                                                                       *shape[2:]).swapaxes(1, 2).reshape(2, -1))
+
+
+def test_slices_that_cannot_split_the_mesh_are_one_line():
+    from molmo2_jax.sharding import MeshError, multislice_grid
+
+    devices = [_SliceDevice(i, i // 2) for i in range(8)]  # 4 slices of 2
+    with pytest.raises(MeshError, match=r"mesh data=2,fsdp=1,sequence=1,tensor=4 cannot be split between 4 TPU "
+                                        r"slices: data x fsdp must be a multiple of 4"):
+        multislice_grid((2, 1, 1, 4), devices)
 
 
 def test_cache_shardings_follow_the_rules():

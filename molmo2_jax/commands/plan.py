@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile for this TPU topology ahead of time instead of on simulated CPU devices, e.g. "
                         "v5p:4x4x4 (64 chips), v5e:2x2, v6e:4x4, v4:2x2x1; needs libtpu (pip install "
                         "'molmo2-jax[tpu]'); the mesh must cover its devices")
+    parser.add_argument("--slices", type=int, default=1, metavar="N",
+                        help="with --target: N such slices joined by the data-center network (multi-slice); the "
+                        "slices split the mesh's data axis, then fsdp (default 1)")
     parser.add_argument("--batch", type=int, required=True, help="global batch (sequences per optimizer step)")
     parser.add_argument("--seq", type=int, required=True, help="tokens per sequence")
     parser.add_argument("--crops", type=int, help="ViT crops or video frames per sequence (default 9, a 2x4-tiled "
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     spec = parse_mesh(args.mesh)
     devices = args.devices
+    if args.target is None and args.slices != 1:
+        raise MeshError("--slices is for --target (slices of a TPU topology)")
     if args.target is not None:
         if devices is not None:
             raise MeshError("--devices is for simulated CPU devices; with --target the topology sets the count")
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     lora = {"rank": args.lora} | ({"targets": args.lora_targets} if args.lora_targets else {})
     train = parse_train_config({"model": {"preset": args.model}, "lora": lora,
                                 "loss_chunk_tokens": args.loss_chunk_tokens})
-    target = None if args.target is None else tpu_target(args.target)
+    target = None if args.target is None else tpu_target(args.target, args.slices)
     mesh = make_mesh(spec) if target is None else target_mesh(target, spec)
     result = plan(config, mesh, work, train, target)
     print(format_report(args.model, config, mesh, work, result, train), flush=True)
