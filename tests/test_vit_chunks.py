@@ -190,8 +190,8 @@ def _mesh_worker() -> None:
             lowered = jax.jit(lambda p, x, c=config.replace(vit_chunk=chunk): Molmo2(c).apply(
                 {"params": p}, x, method=Molmo2.vit_features)).lower(params, pixels)
         out[str(chunk)] = np.asarray(lowered.compile()(params, pixels)).tolist()
-        v = config.vision  # 11 crops -> 2 chunks of 8
-        out[f"{chunk}_chunked"] = f"tensor<2x8x{v.num_patches}x{v.patch_dim}xf32>" in lowered.as_text()
+        v = config.vision  # 11 crops on 8 devices -> 2 crops per device, taken a crop per device at a time
+        out[f"{chunk}_chunked"] = f"tensor<8x1x{v.num_patches}x{v.patch_dim}xf32>" in lowered.as_text()
 
     rows = jax.random.normal(jax.random.key(2), (4, 3, config.vision.num_patches, config.vision.patch_dim))
     pooling = jax.random.randint(jax.random.key(3), (4, 11, 4), -1, 3 * config.vision.num_patches)
@@ -220,7 +220,7 @@ def _mesh_worker() -> None:
     loss = lambda p, x, i: jnp.sum(Molmo2(config).apply({"params": p}, x, i, method=Molmo2.visual_tokens)[0][0])
     with activate(mesh):
         lowered = jax.jit(jax.grad(loss)).lower(params, pixels, pooling)
-    out["batch_chunked"] = f"tensor<2x16x{v.num_patches}x{v.patch_dim}xf32>" in lowered.as_text()
+    out["batch_chunked"] = f"tensor<8x2x{v.num_patches}x{v.patch_dim}xf32>" in lowered.as_text()  # 2 of each row
     out["gathered"] = _gathered_shapes(lowered.compile().as_text())
     print(json.dumps(out))
 
@@ -236,8 +236,9 @@ def mesh_run() -> dict:
 
 
 def test_on_a_mesh_a_chunk_counts_crops_and_tokens_per_device(mesh_run):
-    """1 crop per device on 8 devices (crops split over fsdp and sequence): 11 crops run as 2 chunks of 8; the
-    connector (rows split over fsdp) takes one crop's pooled tokens per device and row at a time."""
+    """1 crop per device on 8 devices (crops split over fsdp and sequence): 11 crops run as 2 chunks of 8 (a
+    slice `[8 devices, 1 crop]` of the device-major pixels each); the connector (rows split over fsdp) takes one
+    crop's pooled tokens per device and row at a time."""
     out = mesh_run
     assert _relative(out["1"], out["None"]) <= RTOL
     assert out["1_chunked"] and not out["None_chunked"]

@@ -111,19 +111,22 @@ def encode_in_chunks(vision: VisionTransformer, pixels: jax.Array) -> jax.Array:
         return vision(pixels)
     steps, rest_crops = divmod(local, chunk)
     x = jnp.pad(pixels, [(0, devices * local - n)] + [(0, 0)] * (pixels.ndim - 1))
-    x = x.reshape(devices, local, *pixels.shape[1:])
-    chunks = x[:, :steps * chunk].reshape(devices, steps, chunk, *x.shape[2:]).swapaxes(0, 1)
-    chunks = nn.with_logical_constraint(chunks.reshape(steps, devices * chunk, *x.shape[2:]),
-                                        (None, "act_crops", "act_patches", None))
-    body = nn.remat(lambda mdl, carry, crops: (carry, mdl(crops)), prevent_cse=False)
-    _, features = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(vision, None, chunks)
+    x = nn.with_logical_constraint(x.reshape(devices, local, *pixels.shape[1:]), ("act_crops", None, None, None))
+
+    def crops_of(start: jax.Array | int, size: int) -> jax.Array:  # crops [start, start + size) of every slice
+        crops = jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).reshape(devices * size, *x.shape[2:])
+        return nn.with_logical_constraint(crops, ("act_crops", "act_patches", None))
+
+    # Each step slices its chunk from the pixels themselves (a scan over a stacked copy of the chunks held that
+    # copy, as large as the input, through the whole ViT), and its remat saves only the step's index.
+    body = nn.remat(lambda mdl, carry, step: (carry, mdl(crops_of(step * chunk, chunk))), prevent_cse=False)
+    _, features = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(
+        vision, None, jnp.arange(steps))
     features = nn.with_logical_constraint(features, (None, "act_crops", "act_patches", None))
     rest = features.shape[2:]
     features = features.reshape(steps, devices, chunk, *rest).swapaxes(0, 1).reshape(devices, steps * chunk, *rest)
     if rest_crops:
-        tail = nn.with_logical_constraint(x[:, steps * chunk:].reshape(devices * rest_crops, *x.shape[2:]),
-                                          ("act_crops", "act_patches", None))
-        tail = nn.remat(lambda mdl, crops: mdl(crops), prevent_cse=False)(vision, tail)
+        tail = nn.remat(lambda mdl: mdl(crops_of(steps * chunk, rest_crops)), prevent_cse=False)(vision)
         tail = nn.with_logical_constraint(tail, ("act_crops", "act_patches", None))
         features = jnp.concatenate([features, tail.reshape(devices, rest_crops, *rest)], axis=1)
     return features.reshape(devices * local, *rest)[:n]
