@@ -1,6 +1,6 @@
 """The Pallas attention kernel (model/pallas_attention.py) in interpret mode on CPU against the blockwise path:
-forward and gradients in float32, the tile plan against the dense mask, the config dispatch, and the sharded
-(shard_map) call on 8 simulated devices in a subprocess."""
+forward and gradients (the Pallas backward kernels) in float32, the tile plans (forward and transposed) against the
+dense mask, the config dispatch, and the sharded (shard_map) call on 8 simulated devices in a subprocess."""
 
 from __future__ import annotations
 
@@ -70,27 +70,52 @@ def _mixed_mask(t: int, s: int) -> MaskInfo:
     return MaskInfo(*(jnp.asarray(x) for x in vecs))
 
 
-@pytest.mark.parametrize("t,s,block", [(300, 300, 128), (130, 300, 128), (300, 300, 256)])
-def test_forward_and_gradients_match_blockwise(t, s, block):
-    q, k, v, w = _inputs(2, t, s, 4, 2, 32)
-    mask = _mixed_mask(t, s)
+def _assert_matches_blockwise(q, k, v, w, mask, block):
+    """Output and gradients (through the Pallas backward kernels, not a fallback) equal the blockwise path's."""
     loss = lambda f: lambda q, k, v: (f(q, k, v, mask, block_q=block, block_kv=block) * w).sum()
     out = pallas_attention(q, k, v, mask, block_q=block, block_kv=block)
     ref = blockwise_attention(q, k, v, mask, block_q=block, block_kv=block)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
-    grads = jax.grad(loss(pallas_attention), (0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(loss(blockwise_attention), (0, 1, 2))(q, k, v)
+    grad = jax.grad(loss(pallas_attention), (0, 1, 2))
+    jaxpr = str(jax.make_jaxpr(grad)(q, k, v))
+    assert "molmo2_attention_dq" in jaxpr and "molmo2_attention_dkv" in jaxpr
+    grads, ref_grads = grad(q, k, v), jax.grad(loss(blockwise_attention), (0, 1, 2))(q, k, v)
     for g, r in zip(grads, ref_grads):
+        assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.abs(r).max()))
+    return grads
+
+
+@pytest.mark.parametrize("t,s,block", [(300, 300, 128), (130, 300, 128), (300, 300, 256)])
+def test_forward_and_gradients_match_blockwise(t, s, block):
+    q, k, v, w = _inputs(2, t, s, 4, 2, 32)  # GQA: 4 heads over 2 KV heads
+    _assert_matches_blockwise(q, k, v, w, _mixed_mask(t, s), block)
+
+
+def test_gradients_where_the_backward_skips_tiles():
+    """Two packed examples then padding in 4 x 4 tiles of 128: both plans skip tiles (the other example's, and
+    causal ones), have full tiles, and the dK/dV plan is the forward's transposed."""
+    mask = packed_row([(2, 260), (1, 200)], 512)
+    tiles, kinds = (np.asarray(x)[0] for x in tile_plan(mask, 128, 128))
+    key_tiles, key_kinds = (np.asarray(x)[0] for x in tile_plan(mask, 128, 128, by_key=True))
+    by_query, by_key = np.zeros((4, 4), int), np.zeros((4, 4), int)
+    for i in range(4):
+        for n in range(4):
+            by_query[i, tiles[i, n]] = max(by_query[i, tiles[i, n]], kinds[i, n])
+            by_key[key_tiles[i, n], i] = max(by_key[key_tiles[i, n], i], key_kinds[i, n])
+    assert np.array_equal(by_key, by_query) and (by_key == 0).any() and (by_key == 2).any()
+    q, k, v, w = _inputs(1, 512, 512, 4, 2, 32, seed=1)
+    _assert_matches_blockwise(q, k, v, w, mask, 128)
 
 
 def test_no_mask_and_empty_rows():
-    q, k, v, _ = _inputs(1, 200, 200, 2, 2, 16)
-    np.testing.assert_allclose(pallas_attention(q, k, v, None, block_q=128, block_kv=128),
-                               blockwise_attention(q, k, v, None, block_q=128, block_kv=128), rtol=1e-5, atol=1e-6)
-    mask = _mixed_mask(200, 200)
-    out = pallas_attention(q, k, v, MaskInfo(*(x[:1] for x in mask)), block_q=128, block_kv=128)
+    q, k, v, w = _inputs(1, 200, 200, 2, 2, 16)
+    _assert_matches_blockwise(q, k, v, w, None, 128)
+    mask = MaskInfo(*(x[:1] for x in _mixed_mask(200, 200)))  # queries and keys from 175 on: padding
+    out = pallas_attention(q, k, v, mask, block_q=128, block_kv=128)
     assert np.all(np.isfinite(out)) and np.all(np.asarray(out)[0, 175:] == 0)  # padded queries: zeros, no NaN
+    dq, dk, dv = _assert_matches_blockwise(q, k, v, w, mask, 128)
+    assert not np.asarray(dq)[0, 175:].any() and not np.asarray(dk)[0, 175:].any() and not np.asarray(dv)[0, 175:].any()
 
 
 @pytest.mark.parametrize("layout", ["one", "two"])
