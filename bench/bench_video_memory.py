@@ -38,6 +38,7 @@ def worker(model: str, frames: int, chunk: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from molmo2_jax import host_memory
     from molmo2_jax.config import load_preset
     from molmo2_jax.model.molmo2 import Molmo2
     from molmo2_jax.params import init_params
@@ -61,6 +62,7 @@ def worker(model: str, frames: int, chunk: int) -> dict:
     forward = jax.jit(lambda p, b: Molmo2(config).apply({"params": p}, **b)[0])
     compiled = forward.lower(params, batch).compile()
     gc.collect()
+    host_memory.trim()  # the compiler's and the input's freed heap, which the process would otherwise keep
     before = rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     start = time.perf_counter()

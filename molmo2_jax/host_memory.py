@@ -77,6 +77,14 @@ def placed(tree: T) -> T:
     return jax.block_until_ready(tree) if _reusing else tree
 
 
+def trim() -> None:
+    """Give the heap's free memory back to the system now (glibc's `malloc_trim`), where freed memory is reused:
+    e.g. after compiling, whose peak the process would otherwise keep resident. The next execution faults in
+    what it needs again."""
+    if _reusing:
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def reusing() -> bool:
     """Whether `reuse_freed_memory` configured malloc in this process (JAX on the CPU, glibc, no opt-out)."""
     return _reusing

@@ -49,7 +49,28 @@ print(*faults[1:])
 """
 
 
-def faults_of(script: str, **env) -> list[int]:
+# 256 MiB of heap freed, then given back: prints the resident MiB before the allocation, after freeing it and after
+# `trim`.
+TRIM_SCRIPT = """
+import re
+import numpy as np
+import molmo2_jax
+from molmo2_jax import host_memory
+
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+
+start = rss()
+x = np.ones(64 << 20, np.float32)
+del x
+kept = rss()
+host_memory.trim()
+print(start, kept, rss())
+"""
+
+
+def printed_by(script: str, **env) -> list[int]:
+    """The integers `script` prints on its last line, run in a fresh Python with `env` (and none of our knobs)."""
     drop = ("GLIBC_TUNABLES", "JAX_PLATFORMS", "JAX_CPU_ENABLE_ASYNC_DISPATCH", "XLA_FLAGS")
     environ = {k: v for k, v in os.environ.items() if k not in drop} | env
     out = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, check=True)
@@ -57,7 +78,7 @@ def faults_of(script: str, **env) -> list[int]:
 
 
 def second_call_faults(**env) -> int:
-    return faults_of(SCRIPT, **env)[-1]
+    return printed_by(SCRIPT, **env)[-1]
 
 
 def test_temporaries_reuse_their_pages_on_cpu():
@@ -72,7 +93,13 @@ def test_a_fresh_batch_does_not_move_the_call_off_the_reusing_thread():
     # Each call may fault in the batch's own new 8 MiB copy, not the temporary's 64 MiB.
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     for _ in range(2):
-        assert max(faults_of(FRESH_BATCH_SCRIPT, JAX_PLATFORMS="cpu")) < pages // 4
+        assert max(printed_by(FRESH_BATCH_SCRIPT, JAX_PLATFORMS="cpu")) < pages // 4
+
+
+def test_trim_gives_the_kept_heap_back():
+    start, kept, trimmed = printed_by(TRIM_SCRIPT, JAX_PLATFORMS="cpu")
+    assert kept - start > 200  # freed, but kept resident for reuse
+    assert trimmed - start < 50
 
 
 def test_runs_on_cpu_follows_jax_platforms(monkeypatch):
