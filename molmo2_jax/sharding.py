@@ -178,11 +178,10 @@ def num_slices(devices: Sequence[Any]) -> int:
     return len({getattr(d, "slice_index", 0) for d in devices})
 
 
-def multislice_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
-    """`devices` of several slices as a `shape` array (MESH_AXES order): each `SLICE_AXES` axis in turn spans as
-    many slices as divide it, and within a slice the devices are laid out topology-aware."""
-    slices, per_axis = num_slices(devices), []
-    left = slices
+def slices_per_axis(shape: Sequence[int], slices: int) -> list[int]:
+    """How many of `slices` TPU slices each mesh axis of `shape` (MESH_AXES order) spans: each `SLICE_AXES` axis in
+    turn takes as many as divide it."""
+    per_axis, left = [], slices
     for axis, size in zip(MESH_AXES, shape):
         across = math.gcd(size, left) if axis in SLICE_AXES else 1
         per_axis.append(across)
@@ -191,6 +190,24 @@ def multislice_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
         sizes = ",".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, shape))
         raise MeshError(f"mesh {sizes} cannot be split between {slices} TPU slices: data x fsdp must be a multiple "
                         f"of {slices} (slices split data, then fsdp; e.g. data={slices},fsdp=-1)")
+    return per_axis
+
+
+def fsdp_across_slices(grid: np.ndarray) -> str | None:
+    """A warning when a mesh's devices (`mesh.devices`) put its fsdp axis across TPU slices, whose per-layer weight
+    gathers then cross the slower network between them; None otherwise."""
+    slices = num_slices(grid.flat)
+    across = slices_per_axis(grid.shape, slices)[MESH_AXES.index("fsdp")] if slices > 1 else 1
+    if across == 1:
+        return None
+    return (f"warning: fsdp spans {across} of the {slices} TPU slices, so each layer's weight gathers cross the "
+            f"network between slices; data={slices} in the mesh keeps fsdp within a slice")
+
+
+def multislice_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+    """`devices` of several slices as a `shape` array (MESH_AXES order), split between slices by
+    `slices_per_axis`; within a slice the devices are laid out topology-aware."""
+    per_axis = slices_per_axis(shape, num_slices(devices))
     within = [size // across for size, across in zip(shape, per_axis)]
     # a slice's axes may split a physical axis of its torus when no whole-axis assignment fits (tried first)
     return mesh_utils.create_hybrid_device_mesh(within, per_axis, devices, allow_split_physical_axes=True)

@@ -71,6 +71,7 @@ def test_two_slices_split_the_data_axis():
                  "--seq", "1024", "--crops", "2", "--tokens", "392", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(8 devices, tpu, 2 slices), compiled for 2 x v5e:2x2 (TPU v5 lite) by libtpu" in proc.stdout
+    assert "fsdp spans" not in proc.stdout  # data takes both slices
 
 
 @needs_libtpu

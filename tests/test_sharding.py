@@ -200,6 +200,17 @@ def test_slices_split_data_then_fsdp(shape, spans):
                                                                        *shape[2:]).swapaxes(1, 2).reshape(2, -1))
 
 
+def test_fsdp_across_slices_is_warned_of():
+    from molmo2_jax.sharding import fsdp_across_slices, multislice_grid
+
+    devices = [_SliceDevice(i, i // 4) for i in range(8)]
+    assert fsdp_across_slices(multislice_grid((2, 4, 1, 1), devices)) is None
+    assert fsdp_across_slices(multislice_grid((1, 8, 1, 1), devices)) == (
+        "warning: fsdp spans 2 of the 2 TPU slices, so each layer's weight gathers cross the network between "
+        "slices; data=2 in the mesh keeps fsdp within a slice")
+    assert fsdp_across_slices(np.asarray(devices[:4]).reshape(1, 4, 1, 1)) is None  # one slice
+
+
 def test_slices_that_cannot_split_the_mesh_are_one_line():
     from molmo2_jax.sharding import MeshError, multislice_grid
 

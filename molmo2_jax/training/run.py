@@ -22,7 +22,7 @@ from molmo2_jax.config import to_dict
 from molmo2_jax.data.pipeline import PipelineConfig
 from molmo2_jax.distributed import startup_lines
 from molmo2_jax.params import flatten, init_params, param_shapes, unflatten
-from molmo2_jax.sharding import describe_mesh, make_mesh
+from molmo2_jax.sharding import describe_mesh, fsdp_across_slices, make_mesh
 from molmo2_jax.training.checkpointing import Checkpointer
 from molmo2_jax.training.config import TrainConfig, TrainConfigError, model_config
 from molmo2_jax.training.loop import Trainer, initial_state
@@ -106,6 +106,8 @@ def run(train: TrainConfig, batches: Iterator[dict[str, np.ndarray]] | None = No
     ts = make_train_step(config, train, mesh)
     log(f"mesh {describe_mesh(mesh)}; model {config.text.num_layers} LLM layers x {config.text.hidden_size}, "
         f"{config.vision.num_layers} ViT layers; compute {config.dtype}, remat {config.remat_policy}")
+    if warning := fsdp_across_slices(mesh.devices):
+        log(warning)
     if batches is None:
         batches = data_iterator(train.data)
     if eval_batches is None and train.eval_data and train.eval.every:
