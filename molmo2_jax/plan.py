@@ -486,7 +486,7 @@ def format_report(name: str, config: Molmo2Config, mesh: Mesh, work: Workload, r
         verdict = "fits" if c.peak_bytes <= target.hbm_bytes else "over HBM (compiled, but treat as not fitting)"
         lines.append(f"{verdict}: {who} peak {c.peak_bytes / GiB:.2f} GiB of {target.hbm_bytes / GiB:.2f} GiB HBM "
                      f"per device ({c.peak_bytes / target.hbm_bytes:.0%})")
-    if isinstance(mesh, Mesh) and (crossing := fsdp_across_slices(mesh.devices)):
+    if crossing := fsdp_across_slices(mesh.devices):
         lines.append(crossing)
     ratio = c.peak_bytes / max(e.total, 1)
     if not 0.67 <= ratio <= 1.5:

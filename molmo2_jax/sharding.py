@@ -197,7 +197,7 @@ def fsdp_across_slices(grid: np.ndarray) -> str | None:
     """A warning when a mesh's devices (`mesh.devices`) put its fsdp axis across TPU slices, whose per-layer weight
     gathers then cross the slower network between them; None otherwise."""
     slices = num_slices(grid.flat)
-    across = slices_per_axis(grid.shape, slices)[MESH_AXES.index("fsdp")] if slices > 1 else 1
+    across = slices_per_axis(grid.shape, slices)[MESH_AXES.index("fsdp")]
     if across == 1:
         return None
     return (f"warning: fsdp spans {across} of the {slices} TPU slices, so each layer's weight gathers cross the "

@@ -16,11 +16,16 @@ ROOT = Path(__file__).parent.parent
 REDUCED = ["text.num_layers=2", "vision.num_layers=2", "adapter.vit_layers=[1,0]"]
 
 
+def cpu_env() -> dict[str, str]:
+    """The environment of a subprocess on the CPU with this checkout first on its path (the caller's PYTHONPATH
+    kept: where libtpu is installed for --target)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def _plan(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get(
-        "PYTHONPATH")])))  # kept: where libtpu is installed for --target
     return subprocess.run([sys.executable, "-m", "molmo2_jax.cli", "plan", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          env=cpu_env(), timeout=timeout)
 
 
 def _row(report: str, name: str) -> tuple[float, float]:

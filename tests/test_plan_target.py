@@ -5,13 +5,12 @@ where it is absent."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import subprocess
 import sys
 
 import pytest
-from test_plan import ROOT, _plan, _row
+from test_plan import ROOT, _plan, _row, cpu_env
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install 'molmo2-jax[tpu]')")
@@ -47,10 +46,9 @@ def test_tiny_step_with_the_pallas_kernel_compiles_for_v5e():
 def test_pallas_forward_and_backward_kernels_compile_for_v5e():
     # bench/compile_pallas_attention.py: value_and_grad through the kernel for one v5e device, 512 x 512 tiles,
     # bfloat16, 32 heads over 8 KV heads, head_dim 128; a kernel over its VMEM fails the compile
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_pallas_attention.py"), "--targets", "v5e:2x2",
-                           "--tiles", "512", "--tokens", "8192"], capture_output=True, text=True, env=env, timeout=600)
+                           "--tiles", "512", "--tokens", "8192"], capture_output=True, text=True, env=cpu_env(),
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Mosaic kernels molmo2_attention molmo2_attention_dkv molmo2_attention_dq" in proc.stdout, proc.stdout
 
